@@ -1,0 +1,36 @@
+"""What train.py and tune.py share: user errors as one line and exit code 2, quiet logs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from typing import Callable
+
+from lit_sft.errors import UserError
+
+
+def quiet() -> None:
+    """Keep the console readable: progress bars and results, not library chatter."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
+    """Run `main`; a UserError becomes `error: ...` on stderr and exit code 2, no traceback."""
+    quiet()
+    try:
+        return main(list(sys.argv[1:] if argv is None else argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

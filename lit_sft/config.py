@@ -1,0 +1,154 @@
+"""One config format for train.py and tune.py: Lightning's argument parser over typed signatures.
+
+`LightningArgumentParser` is the parser LightningCLI is built on, so configs, dotted overrides
+(`--model.learning_rate 1e-5`), `--print_config` and `--help` behave as Lightning users expect;
+we stop short of LightningCLI's own `run` because the work must live in `train(cfg)`, which the
+tuner calls once per trial with callbacks of its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lit_sft.errors import UserError
+
+TRAINER_SKIP = {"callbacks", "logger", "plugins"}
+
+TRAINER_DEFAULTS = {
+    "trainer.max_steps": 300,
+    "trainer.max_epochs": -1,
+    "trainer.val_check_interval": 25,
+    "trainer.check_val_every_n_epoch": None,
+    "trainer.num_sanity_val_steps": 0,
+    "trainer.enable_checkpointing": False,
+    "trainer.log_every_n_steps": 5,
+    "trainer.accelerator": "auto",
+    "trainer.devices": 1,
+}
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Lightning's EarlyStopping on the objective."""
+
+    enabled: bool = True
+    monitor: str = "eval/loss"
+    mode: str = "min"
+    patience: int = 3
+    """Evaluations without an improvement of at least `min_delta` before stopping."""
+    min_delta: float = 0.001
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging: one run per training run or trial."""
+
+    enabled: bool = True
+    project: str = "math-sft-optuna-asha"
+    mode: str = "offline"
+    """offline (default: nothing leaves the machine; `wandb sync` later), online, or disabled."""
+    save_dir: str = "results/wandb"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] | None = None
+
+
+def build_parser(tune: bool = False):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from lit_sft.data import SFTDataModule
+    from lit_sft.evaluator.config import EvaluatorConfig
+    from lit_sft.module import SFTModule
+
+    prog = "tune.py" if tune else "train.py fit"
+    parser = LightningArgumentParser(prog=prog, description=__doc__, exit_on_error=False)
+    parser.add_argument("--config", action="config", help="YAML config file (configs/*.yaml)")
+    parser.add_argument("--seed_everything", type=int, default=0, help="Seed for torch, numpy and python random")
+    parser.add_argument("--output_dir", type=str, default="results/train", help="Run artefacts: best model, weight files")
+    parser.add_class_arguments(SFTModule, "model", fail_untyped=False)
+    parser.add_class_arguments(SFTDataModule, "data", fail_untyped=False)
+    parser.add_class_arguments(Trainer, "trainer", skip=TRAINER_SKIP, fail_untyped=False)
+    parser.add_dataclass_arguments(EarlyStoppingConfig, "early_stopping")
+    parser.add_dataclass_arguments(EvaluatorConfig, "evaluator")
+    parser.add_dataclass_arguments(WandbConfig, "wandb")
+    if tune:
+        from lit_sft.study_config import StudyConfig
+
+        parser.add_dataclass_arguments(StudyConfig, "study")
+    parser.set_defaults(TRAINER_DEFAULTS)
+    return parser
+
+
+def parse(argv: list[str] | None = None, tune: bool = False) -> dict[str, Any]:
+    """Parse CLI arguments (with `--config`) into a plain nested dict; bad input -> UserError."""
+    from jsonargparse import ArgumentError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(tune)
+    try:
+        namespace = parser.parse_args(argv)
+    except (ArgumentError, ValueError, TypeError) as err:
+        raise UserError(_one_line(err)) from err
+    cfg = namespace.as_dict()
+    cfg.pop("config", None)
+    check(cfg)
+    return cfg
+
+
+def _one_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:3]) if lines else type(err).__name__
+
+
+def defaults(tune: bool = False) -> dict[str, Any]:
+    """The full default config, as a dict (for code that calls train() with partial configs)."""
+    cfg = build_parser(tune).get_defaults().as_dict()
+    cfg.pop("config", None)
+    return cfg
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `override` into a copy of `base`; unknown sections and keys are errors."""
+    out = copy.deepcopy(base)
+    unknown = []
+    for key, value in override.items():
+        if key not in out:
+            unknown.append(key)
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            missing = [f"{key}.{k}" for k in value if k not in out[key]]
+            unknown.extend(missing)
+            out[key].update({k: v for k, v in value.items() if k in out[key]})
+        else:
+            out[key] = value
+    if unknown:
+        raise UserError(f"unknown config key(s): {', '.join(sorted(unknown))}")
+    return out
+
+
+def complete(cfg: dict[str, Any], tune: bool = False) -> dict[str, Any]:
+    """Defaults filled in under a possibly partial config."""
+    return merge(defaults(tune), cfg)
+
+
+def check(cfg: dict[str, Any]) -> None:
+    """Cross-section problems a per-field type check cannot see; all collected, raised once."""
+    problems = []
+    trainer, data = cfg["trainer"], cfg["data"]
+    if trainer.get("accumulate_grad_batches", 1) not in (1, None):
+        problems.append("trainer.accumulate_grad_batches: use data.micro_batch_size (accumulation is exact and built in)")
+    if trainer.get("gradient_clip_val") is not None:
+        problems.append("trainer.gradient_clip_val: use model.gradient_clip_val (manual optimization clips itself)")
+    if (trainer.get("max_steps") or -1) <= 0:
+        problems.append(f"trainer.max_steps must be > 0, got {trainer.get('max_steps')}")
+    for key in ("train_path", "validation_path"):
+        path = data.get(key)
+        if path and not Path(path).is_file():
+            problems.append(f"data.{key}: no such file: {path}")
+    if problems:
+        raise UserError("; ".join(problems))

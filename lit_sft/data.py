@@ -1,0 +1,256 @@
+"""SFTDataModule: records -> prompt/response -> token ids with the prompt masked -> batches."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from typing_extensions import override
+
+from lit_sft.errors import UserError
+from lit_sft.formats import Example, Problem, load_examples, load_problems, r1_zero_prompt
+from lit_sft.packing import pack_collate, pad_collate
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class TokenStats:
+    """What tokenization did to the records; truncation is counted, never silent."""
+
+    examples: int = 0
+    truncated: int = 0
+    """Responses cut at `max_length` (policy "truncate")."""
+    dropped: int = 0
+    """Records dropped for being longer than `max_length` (policy "drop")."""
+    filtered_wrong: int = 0
+    """Traces dropped by `filter_correct` because their answer does not match the ground truth."""
+    lengths: list[int] = field(default_factory=list, repr=False)
+
+
+class SFTDataModule(LightningDataModule):
+    """Reads SFT records, holds out a fixed eval split, and batches one optimizer step at a time."""
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        validation_path: str | None = None,
+        schema: str | None = None,
+        validation_schema: str | None = None,
+        tokenizer_name_or_path: str | None = None,
+        batch_size: int = 32,
+        micro_batch_size: int | None = None,
+        max_length: int = 2048,
+        truncation: Literal["truncate", "drop", "error"] = "truncate",
+        eval_size: int = 500,
+        eval_max_fraction: float = 0.2,
+        num_validation_problems: int = 500,
+        num_generated: int = 20000,
+        packing: bool = False,
+        filter_correct: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            train_path: JSONL of SFT records (prompt/response, question/answer, problem/solution);
+                None = generated problems (the embedded task).
+            validation_path: JSONL of problems with answers, for accuracy; None = generated.
+            schema: Force the record schema of `train_path` instead of detecting it from field names.
+            validation_schema: Same for `validation_path`.
+            tokenizer_name_or_path: Tokenizer; None = the model's (train.py fills it in).
+            batch_size: Examples per optimizer step, over all devices.
+            micro_batch_size: Examples per forward pass; gradients accumulate over the rest. None = batch_size.
+            max_length: Longest tokenized prompt+response.
+            truncation: What to do with a record longer than `max_length`: cut its response
+                ("truncate"), skip it ("drop"), or stop ("error"). Each is counted and reported.
+            eval_size: Held-out records for `eval/loss` (fixed seed, identical across runs).
+            eval_max_fraction: Cap on the held-out share of the records.
+            num_validation_problems: Problems with answers kept for the evaluator's accuracy.
+            num_generated: Training records to generate when `train_path` is None.
+            packing: Concatenate each micro-batch into one padding-free row (position ids restart
+                per example) instead of padding.
+            filter_correct: Keep only traces whose answer grades correct against the ground truth.
+            seed: Seed of the eval split, validation sample and shuffling.
+            num_workers: DataLoader workers.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.stats = TokenStats()
+        self.train_set: list[dict[str, Any]] = []
+        self.eval_set: list[dict[str, Any]] = []
+        self._problems: list[Problem] | None = None
+        self._validate()
+
+    def _validate(self) -> None:
+        hp, problems = self.hparams, []
+        if hp.batch_size < 1:
+            problems.append(f"data.batch_size must be >= 1, got {hp.batch_size}")
+        if hp.micro_batch_size is not None and hp.micro_batch_size < 1:
+            problems.append(f"data.micro_batch_size must be >= 1, got {hp.micro_batch_size}")
+        if hp.max_length < 8:
+            problems.append(f"data.max_length must be >= 8, got {hp.max_length}")
+        if not 0 < hp.eval_max_fraction < 1:
+            problems.append(f"data.eval_max_fraction must be in (0, 1), got {hp.eval_max_fraction}")
+        if hp.eval_size < 1:
+            problems.append(f"data.eval_size must be >= 1, got {hp.eval_size}")
+        if problems:
+            raise UserError("; ".join(problems))
+
+    # ---- records -----------------------------------------------------------------------------
+
+    def _examples(self) -> list[Example]:
+        hp = self.hparams
+        if hp.train_path:
+            return load_examples(hp.train_path, schema=hp.schema)
+        from lit_sft.synthetic import make_sft_records
+
+        return [Example(r["prompt"], r["response"], r["ground_truth"]) for r in make_sft_records(hp.num_generated, hp.seed)]
+
+    @property
+    def validation_problems(self) -> list[Problem]:
+        """The fixed problems (with answers) the evaluator grades; same sample every run."""
+        if self._problems is None:
+            hp = self.hparams
+            if hp.validation_path:
+                problems = load_problems(hp.validation_path, schema=hp.validation_schema)
+                random.Random(hp.seed).shuffle(problems)
+            else:
+                from lit_sft.synthetic import make_problems
+
+                problems = [Problem(r1_zero_prompt(r["problem"]), r["answer"]) for r in make_problems(hp.num_validation_problems, hp.seed + 1)]
+            self._problems = problems[: hp.num_validation_problems]
+        return self._problems
+
+    def _filter_correct(self, examples: list[Example]) -> list[Example]:
+        from lit_sft.grading import Category, grade
+
+        kept = [e for e in examples if e.answer is None or grade(e.response, e.answer).category == Category.CORRECT]
+        self.stats.filtered_wrong = len(examples) - len(kept)
+        return kept
+
+    # ---- tokens ------------------------------------------------------------------------------
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        from lit_sft.weights import resolve_model_path
+
+        path = resolve_model_path(self.hparams.tokenizer_name_or_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as err:
+            raise UserError(f"data.tokenizer_name_or_path: cannot load tokenizer {path!r}: {str(err).splitlines()[0]}") from err
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def _tokenize(self, examples: list[Example]) -> list[dict[str, Any]]:
+        hp, tok = self.hparams, self.tokenizer
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        prompts = tok([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+        responses = tok([e.response for e in examples], add_special_tokens=False)["input_ids"]
+        out = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            if len(prompt) >= hp.max_length:
+                raise UserError(
+                    f"record {i + 1} of {hp.train_path or 'the generated data'}: prompt is {len(prompt)} tokens, "
+                    f"longer than data.max_length={hp.max_length}"
+                )
+            response = response + eos
+            overflow = len(prompt) + len(response) - hp.max_length
+            if overflow > 0:
+                if hp.truncation == "error":
+                    raise UserError(
+                        f"record {i + 1} of {hp.train_path}: {len(prompt) + len(response)} tokens > data.max_length="
+                        f"{hp.max_length} (set data.truncation to 'truncate' or 'drop')"
+                    )
+                if hp.truncation == "drop":
+                    self.stats.dropped += 1
+                    continue
+                self.stats.truncated += 1
+                response = response[: len(response) - overflow]
+            ids = prompt + response
+            self.stats.lengths.append(len(ids))
+            out.append({"input_ids": ids, "labels": [IGNORE] * len(prompt) + response})
+        self.stats.examples = len(out)
+        return out
+
+    # ---- Lightning hooks ---------------------------------------------------------------------
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set:
+            return
+        hp = self.hparams
+        self.tokenizer = self._load_tokenizer()
+        examples = self._examples()
+        if hp.filter_correct:
+            examples = self._filter_correct(examples)
+        records = self._tokenize(examples)
+        if self.stats.truncated or self.stats.dropped:
+            log.warning(
+                "data: %d of %d records longer than data.max_length=%d were %s",
+                self.stats.truncated + self.stats.dropped, len(examples), hp.max_length,
+                "truncated" if hp.truncation == "truncate" else "dropped",
+            )
+        order = list(range(len(records)))
+        random.Random(hp.seed).shuffle(order)
+        n_eval = min(hp.eval_size, int(len(records) * hp.eval_max_fraction))
+        if n_eval < 1 or len(records) - n_eval < 1:
+            raise UserError(f"{hp.train_path or 'generated data'}: only {len(records)} usable records, too few to train and hold out an eval set")
+        self.eval_set = [records[i] for i in order[:n_eval]]
+        self.train_set = [records[i] for i in order[n_eval:]]
+        if self.per_device_batch_size > len(self.train_set):
+            raise UserError(f"data.batch_size={hp.batch_size} is larger than the {len(self.train_set)} training records")
+
+    @property
+    def world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
+    @property
+    def per_device_batch_size(self) -> int:
+        hp = self.hparams
+        if hp.batch_size % self.world_size:
+            raise UserError(f"data.batch_size={hp.batch_size} is not divisible by the {self.world_size} devices")
+        return hp.batch_size // self.world_size
+
+    @property
+    def micro_batch_size(self) -> int:
+        return min(self.hparams.micro_batch_size or self.per_device_batch_size, self.per_device_batch_size)
+
+    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.hparams.packing:
+            return pack_collate(rows)
+        return pad_collate(rows, pad_id=self.tokenizer.pad_token_id)
+
+    def collate_step(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One optimizer step's examples -> micro-batches of similar lengths (less padding)."""
+        rows = sorted(rows, key=lambda r: len(r["input_ids"]))
+        size = self.micro_batch_size
+        return [self._collate(rows[i : i + size]) for i in range(0, len(rows), size)]
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        sampler = BatchSampler(RandomSampler(self.train_set, generator=generator), self.per_device_batch_size, drop_last=True)
+        return DataLoader(
+            self.train_set, batch_sampler=sampler, collate_fn=self.collate_step,
+            num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        # Sorted by length so eval micro-batches pad little; the set is fixed, so order is too.
+        rows = sorted(self.eval_set, key=lambda r: len(r["input_ids"]))
+        return DataLoader(rows, batch_size=self.micro_batch_size, shuffle=False, collate_fn=self._collate)
+

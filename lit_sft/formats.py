@@ -1,0 +1,279 @@
+"""Record schemas of training and validation files -> `Example` (SFT) and `Problem` (accuracy).
+
+A file's schema is told by its first record's field names (or given explicitly):
+
+- ``prompt_response``: ``{prompt, response[, ground_truth]}``, r1_zero traces (math/sft.jsonl).
+- ``problem_answer``: ``{problem, answer}``, problems without a worked solution (MATH test split);
+  usable for validation only.
+- ``question_answer``: ``{question, answer}`` where ``answer`` is worked steps ending in
+  ``#### N`` (GSM8K).
+- ``problem_solution``: ``{problem, solution}`` with the answer in the solution's last
+  ``\\boxed{}`` (MATH train split).
+
+Records without a prompt are put into the r1_zero template (`r1_zero_prompt`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from lit_sft.errors import UserError
+
+SCHEMAS: tuple[str, ...] = ("prompt_response", "problem_answer", "question_answer", "problem_solution")
+_EXPECTED = (
+    "prompt+response[+ground_truth], problem+answer, question+answer (answer ending in '#### N'), "
+    "problem+solution (answer in \\boxed{})"
+)
+# GSM8K's calculator annotations, e.g. "48/2 = <<48/2=24>>24": noise for a model that writes prose.
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One SFT training record."""
+
+    prompt: str
+    """The text the model is conditioned on; ends with "Assistant: <think>" for r1_zero."""
+    response: str
+    """The text the model learns to produce: " ... </think> <answer>X</answer>" for r1_zero."""
+    answer: str | None
+    """The ground-truth answer when the record has one (to keep only correct traces, say)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One validation problem for accuracy."""
+
+    prompt: str
+    """The r1_zero prompt (ends with "<think>")."""
+    answer: str
+    """The ground truth: an answer, or a full solution with \\boxed{} (grading accepts both)."""
+
+
+@cache
+def _r1_zero_template() -> str:
+    text = resources.files("lit_sft").joinpath("prompts/r1_zero.prompt").read_text(encoding="utf-8")
+    # Editors append a newline; the prompt must end exactly at "<think>" for the response to continue it.
+    return text.rstrip("\n")
+
+
+def r1_zero_prompt(question: str) -> str:
+    """The r1_zero prompt for one question; it ends with "Assistant: <think>"."""
+    # replace, not str.format: a literal brace in the template must never be read as a field.
+    return _r1_zero_template().replace("{question}", question.strip())
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, ``\\boxed X``) in text, else None.
+
+    Braces nest (``\\boxed{\\frac{1}{2}}``) and escaped braces (``\\{``) do not count.
+    None also when the last box is not closed: an earlier box is not the stated final answer.
+    """
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + len("\\boxed" if text.startswith("\\boxed", start) else "\\fbox")
+    if text.startswith(" ", i):
+        # "\boxed 5$": the old MATH form without braces runs to the closing dollar.
+        return text[i:].split("$", 1)[0].strip() or None
+    if not text.startswith("{", i):
+        return None
+    depth = 0
+    k = i
+    while k < len(text):
+        char = text[k]
+        if char == "\\":
+            k += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : k]
+        k += 1
+    return None
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """The records of a JSON-lines file as (line number, record); blank lines are skipped.
+
+    Raises UserError naming the file for a missing, unreadable or empty file, and file:line for a
+    line that is not UTF-8, not JSON, or not a JSON object.
+    """
+    path = Path(path)
+    try:
+        raw_lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a .jsonl file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    records = [_parse_line(raw, path, number) for number, raw in enumerate(raw_lines, start=1) if raw.strip()]
+    if not records:
+        raise UserError(f"{path}: empty file (no records)")
+    return records
+
+
+def _parse_line(raw: bytes, path: Path, number: int) -> tuple[int, dict]:
+    where = f"{path}:{number}"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object per line, got {_json_type(record)}")
+    return number, record
+
+
+def detect_schema(record: dict) -> str:
+    """The schema name of a record, told by its field names (see the module docstring)."""
+    return _detect(record, where="record")
+
+
+def _detect(record: Any, *, where: str) -> str:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {_json_type(record)}")
+    fields = record.keys()
+    # Most specific first: a MATH record may carry both a solution and an answer.
+    if "prompt" in fields and "response" in fields:
+        return "prompt_response"
+    if "problem" in fields and "solution" in fields:
+        return "problem_solution"
+    if "question" in fields and "answer" in fields:
+        return "question_answer"
+    if "problem" in fields and "answer" in fields:
+        return "problem_answer"
+    raise UserError(f"{where}: cannot tell the record schema from its fields {sorted(fields)}; expected {_EXPECTED}")
+
+
+def to_example(record: dict, *, where: str) -> Example:
+    """One SFT example from a record of any schema but problem_answer (which has no worked solution)."""
+    return _to_example(record, _detect(record, where=where), where)
+
+
+def to_problem(record: dict, *, where: str) -> Problem:
+    """One validation problem from a record of any schema (prompt_response needs ground_truth)."""
+    return _to_problem(record, _detect(record, where=where), where)
+
+
+def load_examples(path: str | Path, schema: str | None = None) -> list[Example]:
+    """The SFT examples of a JSON-lines file; `schema` overrides detection from the first record."""
+    return _load(path, schema, _to_example)
+
+
+def load_problems(path: str | Path, schema: str | None = None) -> list[Problem]:
+    """The validation problems of a JSON-lines file; `schema` overrides detection from the first record."""
+    return _load(path, schema, _to_problem)
+
+
+def _load(path: str | Path, schema: str | None, convert: Callable[[dict, str, str], T]) -> list[T]:
+    records = read_jsonl(path)
+    if schema is None:
+        first_line, first = records[0]
+        # One schema per file, so a later record missing a field is reported as such, not as unknown.
+        schema = _detect(first, where=f"{path}:{first_line}")
+    elif schema not in SCHEMAS:
+        raise UserError(f"unknown schema {schema!r} for {path}; expected one of {', '.join(SCHEMAS)}")
+    return [convert(record, schema, f"{path}:{line}") for line, record in records]
+
+
+def _to_example(record: dict, schema: str, where: str) -> Example:
+    if schema == "prompt_response":
+        return Example(
+            prompt=_text(record, "prompt", schema, where),
+            response=_text(record, "response", schema, where),
+            answer=_optional_text(record, "ground_truth", schema, where),
+        )
+    if schema == "question_answer":
+        steps, answer = _gsm8k_answer(record, where)
+        return Example(r1_zero_prompt(_text(record, "question", schema, where)), _r1_zero_response(steps, answer), answer)
+    if schema == "problem_solution":
+        solution = _text(record, "solution", schema, where)
+        answer = _boxed_answer(solution, where)
+        return Example(r1_zero_prompt(_text(record, "problem", schema, where)), _r1_zero_response(solution, answer), answer)
+    if schema == "problem_answer":
+        raise UserError(
+            f"{where}: schema problem_answer (fields problem, answer) has no worked solution to train on; "
+            "use the file for validation, or give records with prompt+response, question+answer "
+            "('#### N') or problem+solution"
+        )
+    raise UserError(f"unknown schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
+
+
+def _to_problem(record: dict, schema: str, where: str) -> Problem:
+    if schema == "prompt_response":
+        answer = _optional_text(record, "ground_truth", schema, where)
+        if answer is None:
+            raise UserError(f"{where}: missing field 'ground_truth' (schema prompt_response, needed to grade a problem)")
+        return Problem(_text(record, "prompt", schema, where), answer)
+    if schema == "problem_answer":
+        return Problem(r1_zero_prompt(_text(record, "problem", schema, where)), _text(record, "answer", schema, where))
+    if schema == "question_answer":
+        _, answer = _gsm8k_answer(record, where)
+        return Problem(r1_zero_prompt(_text(record, "question", schema, where)), answer)
+    if schema == "problem_solution":
+        answer = _boxed_answer(_text(record, "solution", schema, where), where)
+        return Problem(r1_zero_prompt(_text(record, "problem", schema, where)), answer)
+    raise UserError(f"unknown schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
+
+
+def _r1_zero_response(reasoning: str, answer: str) -> str:
+    # Leading space: the prompt ends with "<think>", as in the r1_zero traces.
+    return f" {reasoning.strip()} </think> <answer>{answer}</answer>"
+
+
+def _gsm8k_answer(record: dict, where: str) -> tuple[str, str]:
+    """(worked steps without calculator annotations, final answer N) of a GSM8K answer."""
+    text = _text(record, "answer", "question_answer", where)
+    steps, marker, final = text.rpartition("####")
+    final = final.strip()
+    if not marker or not final or "\n" in final:
+        raise UserError(f"{where}: field 'answer' does not end with '#### N' (schema question_answer)")
+    if _THOUSANDS.fullmatch(final):
+        final = final.replace(",", "")
+    return _CALCULATOR.sub("", steps).strip(), final
+
+
+def _boxed_answer(solution: str, where: str) -> str:
+    answer = last_boxed(solution)
+    if answer is None or not answer.strip():
+        raise UserError(f"{where}: field 'solution' has no \\boxed{{...}} answer (schema problem_solution)")
+    return answer.strip()
+
+
+def _text(record: dict, field: str, schema: str, where: str) -> str:
+    value = _optional_text(record, field, schema, where)
+    if value is None:
+        raise UserError(f"{where}: missing field '{field}' (schema {schema})")
+    return value
+
+
+def _optional_text(record: dict, field: str, schema: str, where: str) -> str | None:
+    value = record.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field '{field}' must be a string, got {_json_type(value)} (schema {schema})")
+    if not value.strip():
+        raise UserError(f"{where}: field '{field}' is empty (schema {schema})")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
