@@ -200,12 +200,14 @@ def _to_example(record: dict, schema: str, where: str) -> Example:
             answer=_optional_text(record, "ground_truth", schema, where),
         )
     if schema == "question_answer":
+        prompt = r1_zero_prompt(_text(record, "question", schema, where))
         steps, answer = _gsm8k_answer(record, where)
-        return Example(r1_zero_prompt(_text(record, "question", schema, where)), _r1_zero_response(steps, answer), answer)
+        return Example(prompt, _r1_zero_response(steps, answer), answer)
     if schema == "problem_solution":
+        prompt = r1_zero_prompt(_text(record, "problem", schema, where))
         solution = _text(record, "solution", schema, where)
         answer = _boxed_answer(solution, where)
-        return Example(r1_zero_prompt(_text(record, "problem", schema, where)), _r1_zero_response(solution, answer), answer)
+        return Example(prompt, _r1_zero_response(solution, answer), answer)
     if schema == "problem_answer":
         raise UserError(
             f"{where}: schema problem_answer (fields problem, answer) has no worked solution to train on; "
@@ -224,11 +226,11 @@ def _to_problem(record: dict, schema: str, where: str) -> Problem:
     if schema == "problem_answer":
         return Problem(r1_zero_prompt(_text(record, "problem", schema, where)), _text(record, "answer", schema, where))
     if schema == "question_answer":
-        _, answer = _gsm8k_answer(record, where)
-        return Problem(r1_zero_prompt(_text(record, "question", schema, where)), answer)
+        prompt = r1_zero_prompt(_text(record, "question", schema, where))
+        return Problem(prompt, _gsm8k_answer(record, where)[1])
     if schema == "problem_solution":
-        answer = _boxed_answer(_text(record, "solution", schema, where), where)
-        return Problem(r1_zero_prompt(_text(record, "problem", schema, where)), answer)
+        prompt = r1_zero_prompt(_text(record, "problem", schema, where))
+        return Problem(prompt, _boxed_answer(_text(record, "solution", schema, where), where))
     raise UserError(f"unknown schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
 
 

@@ -68,7 +68,7 @@ class SFTModule(LightningModule):
         if enabled:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
-        elif getattr(self.model, "is_gradient_checkpointing", False):
+        elif getattr(self.model, "is_activation_checkpointing", getattr(self.model, "is_gradient_checkpointing", False)):
             self.model.gradient_checkpointing_disable()
 
     def _common_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

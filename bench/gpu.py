@@ -1,0 +1,604 @@
+"""Every GPU measurement of lit-sft in one run (~6 minutes on an H100/H200); a table prints last.
+
+Sections, each with its own time cap; a failing one is reported and the next one runs:
+  matmul      the card's measured bf16 matmul rate (the denominator of MFU)
+  throughput  training tokens/s, MFU and peak memory of a Qwen2.5-1.5B-architecture model
+              (random weights, bf16 weights + fused AdamW, sdpa attention) on batches with
+              the real MATH trace lengths: padded vs packed, micro-batch size, gradient
+              checkpointing, torch.compile (regional: each decoder layer)
+  overhead    SFTModule under a Lightning Trainer vs a plain PyTorch loop on the same model,
+              GPU and batches (bench/common.py: measure_step_overhead)
+  evaluator   the transformers generate backend: prompts/s on 500 prompts of real validation
+              lengths (greedy, 256 new tokens), and the time to swap weights into the resident
+              model (lit_sft.weights.load_weights_into) vs building it (from_pretrained)
+
+MFU counts 6*N + 12*L*d*T FLOPs per real (non-pad) token, T = the length of the token's own
+example (packed rows hold several), N = every parameter once: the non-embedding weights plus
+the tied embedding as the LM head's d*V matmul (the input lookup costs nothing). Recomputation
+under gradient checkpointing is not counted (model FLOPs, not hardware FLOPs).
+
+    python bench/gpu.py            # on the GPU machine; details in $OUT/gpu_bench.json
+    python bench/gpu.py --tiny     # tiny config on CPU, minutes: checks the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    load_prompt_lengths,
+    load_sft_pairs,
+    measure_step_overhead,
+    now,
+    records_datamodule,
+    records_from_lengths,
+    to_device,
+)
+from lit_sft.packing import model_inputs, pack_collate, pad_collate, token_nll_sum  # noqa: E402
+
+QWEN25_15B = {
+    # Qwen2.5-1.5B / Qwen2.5-Math-1.5B as published.
+    "num_hidden_layers": 28,
+    "hidden_size": 1536,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "intermediate_size": 8960,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+}
+TINY = {**QWEN25_15B, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 1024}
+
+SPEC_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+"""Dense bf16 tensor-core peaks from NVIDIA's datasheets (SXM unless named), for reference."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    packing: bool
+    micro_batch: int
+    checkpointing: bool = False
+    compile: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = ["packed" if self.packing else "padded", f"mb{self.micro_batch}"]
+        parts += ["ckpt"] if self.checkpointing else []
+        parts += ["compile"] if self.compile else []
+        return " ".join(parts)
+
+
+@dataclass
+class Plan:
+    """What to run and for how long: the full GPU plan or the tiny CPU check."""
+
+    model: dict[str, Any]
+    dtype: torch.dtype
+    length_scale: float
+    global_batch: int
+    max_length: int
+    configs: list[TrainConfig]
+    warmup_steps: int
+    measure_steps: int
+    measure_s: float
+    compile_warmup_steps: int
+    config_budget_s: float
+    """Section time a config needs to be started (eager; compiled ones need compile_budget_s)."""
+    compile_budget_s: float
+    matmul_n: int
+    matmul_s: float
+    overhead: dict[str, Any]
+    eval_prompts: int
+    eval_new_tokens: int
+    eval_batch: int
+    caps_s: dict[str, float]
+
+
+def gpu_plan() -> Plan:
+    eager = [
+        TrainConfig(False, 8), TrainConfig(True, 8),
+        TrainConfig(False, 16), TrainConfig(True, 16),
+        TrainConfig(False, 32), TrainConfig(True, 32),
+        TrainConfig(False, 8, checkpointing=True),  # the reference config (configs/qwen2.5-math-1.5b)
+        TrainConfig(True, 32, checkpointing=True),
+    ]
+    # Compiled runs last: nothing undoes a compile, and each pays its warm-up.
+    compiled = [TrainConfig(True, 32, compile=True), TrainConfig(False, 16, compile=True), TrainConfig(True, 32, checkpointing=True, compile=True)]
+    return Plan(
+        model=QWEN25_15B, dtype=torch.bfloat16, length_scale=1.0, global_batch=64, max_length=2048,
+        configs=eager + compiled, warmup_steps=2, measure_steps=6, measure_s=10.0, compile_warmup_steps=3, config_budget_s=20, compile_budget_s=60,
+        matmul_n=8192, matmul_s=3.0,
+        overhead={"batch_size": 64, "micro_batch_size": 8, "gradient_checkpointing": True, "warmup": 2, "rounds": 6, "block": 2},
+        eval_prompts=500, eval_new_tokens=256, eval_batch=64,
+        caps_s={"matmul": 30, "throughput": 230, "overhead": 100, "evaluator": 120},
+    )
+
+
+def tiny_plan() -> Plan:
+    return Plan(
+        model=TINY, dtype=torch.float32, length_scale=0.25, global_batch=16, max_length=512,
+        configs=[TrainConfig(False, 4), TrainConfig(True, 4), TrainConfig(False, 8), TrainConfig(True, 8, checkpointing=True), TrainConfig(True, 8, compile=True)],
+        warmup_steps=1, measure_steps=2, measure_s=5.0, compile_warmup_steps=2, config_budget_s=10, compile_budget_s=60,
+        matmul_n=256, matmul_s=0.5,
+        overhead={"batch_size": 16, "micro_batch_size": 8, "gradient_checkpointing": False, "warmup": 1, "rounds": 2, "block": 1},
+        eval_prompts=16, eval_new_tokens=8, eval_batch=8,
+        caps_s={"matmul": 20, "throughput": 300, "overhead": 120, "evaluator": 120},
+    )
+
+
+# ---- section machinery -------------------------------------------------------------------------
+
+
+class SectionTimeout(BaseException):
+    """Raised by the alarm when a section runs past its cap. BaseException so that the
+    per-config `except Exception` inside a section does not swallow it."""
+
+
+@contextmanager
+def time_cap(seconds: float) -> Iterator[None]:
+    def expire(signum: int, frame: Any) -> None:
+        raise SectionTimeout(f"time cap of {seconds:.0f} s reached")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@dataclass
+class State:
+    """What sections hand on to later ones."""
+
+    device: torch.device
+    plan: Plan
+    out: Path
+    workdir: Path
+    results: dict[str, Any] = field(default_factory=dict)
+    deadline: float = math.inf
+    """perf_counter() at which the running section's cap expires."""
+    matmul_tflops: float | None = None
+    model: torch.nn.Module | None = None
+    checkpoint: Path | None = None
+
+    def time_left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "gpu_bench.json").write_text(json.dumps(self.results, indent=2, default=str))
+
+
+def run_section(state: State, name: str, fn: Callable[[State], dict[str, Any]]) -> None:
+    cap = state.plan.caps_s[name]
+    start = time.perf_counter()
+    state.deadline = start + cap
+    print(f"== {name} (cap {cap:.0f} s)", flush=True)
+    try:
+        with time_cap(cap):
+            result = fn(state)
+        result["status"] = "ok"
+    except (Exception, SectionTimeout) as err:
+        traceback.print_exc()
+        partial = state.results.get(name, {})
+        result = {**partial, "status": "timeout" if isinstance(err, SectionTimeout) else "error", "error": f"{type(err).__name__}: {err}"}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    state.results[name] = result
+    state.save()
+    print(f"== {name}: {result['status']} in {result['seconds']} s", flush=True)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+
+def build_model(state: State) -> torch.nn.Module:
+    """Random-weight model of the plan's architecture, initialized directly on the device."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(**state.plan.model, attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    with torch.device(state.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=state.plan.dtype, attn_implementation="sdpa")
+    return model.train()
+
+
+def ensure_checkpoint(state: State) -> Path:
+    """A save_pretrained folder of the model (the throughput section's, or a fresh one)."""
+    if state.checkpoint is None:
+        model = state.model if state.model is not None else build_model(state)
+        path = state.workdir / "model"
+        model.save_pretrained(path)
+        state.checkpoint = path
+    state.model = None
+    free_memory()
+    return state.checkpoint
+
+
+def flop_count(model: torch.nn.Module) -> int:
+    """N of the MFU formula: parameters counted once (a tied embedding is one matrix)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- sections ------------------------------------------------------------------------------------
+
+
+def env_info(state: State) -> dict[str, Any]:
+    import lightning
+    import transformers
+
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": lightning.__version__,
+        "python": platform.python_version(),
+        "device": str(state.device),
+        "plan": "tiny" if state.plan.model is TINY else "qwen2.5-1.5b",
+    }
+    if state.device.type == "cuda":
+        props = torch.cuda.get_device_properties(state.device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
+
+
+def spec_tflops(device_name: str | None) -> float | None:
+    if not device_name:
+        return None
+    for key, value in SPEC_BF16_TFLOPS.items():  # "H100 PCIe" is listed before "H100"
+        if key in device_name:
+            return value
+    return None
+
+
+def section_matmul(state: State) -> dict[str, Any]:
+    n, dtype = state.plan.matmul_n, torch.bfloat16
+    a = torch.randn(n, n, device=state.device, dtype=dtype)
+    b = torch.randn(n, n, device=state.device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    iters, start = 0, now(state.device)
+    while True:
+        for _ in range(10):
+            a @ b
+        iters += 10
+        elapsed = now(state.device) - start
+        if elapsed >= state.plan.matmul_s:
+            break
+    tflops = 2 * n**3 * iters / elapsed / 1e12
+    state.matmul_tflops = tflops
+    name = state.results.get("env", {}).get("gpu")
+    return {"n": n, "iterations": iters, "tflops": float(f"{tflops:.4g}"), "spec_tflops": spec_tflops(name)}
+
+
+def make_steps(state: State, config: TrainConfig, records: list[dict[str, Any]], count: int, seed: int) -> Iterator[tuple[list[dict[str, Any]], list[int]]]:
+    """Optimizer steps as the data module builds them: a random global batch, sorted by length,
+    split into micro-batches, each padded or packed. Yields (micro-batches, example lengths)."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        rows = sorted(rng.sample(records, state.plan.global_batch), key=lambda r: len(r["input_ids"]))
+        micro = [rows[i : i + config.micro_batch] for i in range(0, len(rows), config.micro_batch)]
+        batches = [pack_collate(m) if config.packing else pad_collate(m, pad_id=0) for m in micro]
+        yield batches, [len(r["input_ids"]) for r in rows]
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]], device: torch.device) -> None:
+    """One optimizer step the way SFTModule takes it (token-weighted accumulation, clip)."""
+    scale = 1.0 / max(sum(mb["num_target_tokens"] for mb in micro_batches), 1)
+    for micro in micro_batches:
+        micro = to_device(micro, device)
+        nll, _ = token_nll_sum(model(**model_inputs(micro)).logits, micro["labels"])
+        (nll * scale).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    if enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """Regional compilation: each decoder layer, which all share one compiled graph, so the cold
+    start is one layer's, not the whole model's; dynamic, since every batch has its own length."""
+    for layer in model.model.layers:
+        layer.compile(dynamic=True)
+
+
+def measure_config(state: State, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, records: list[dict[str, Any]], n_params: int) -> dict[str, Any]:
+    plan, device = state.plan, state.device
+    cfg = model.config
+    set_checkpointing(model, config.checkpointing)
+    warmup = plan.compile_warmup_steps if config.compile else plan.warmup_steps
+    # One seed for every config: padded and packed runs see the same global batches.
+    steps = make_steps(state, config, records, warmup + plan.measure_steps, seed=0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = now(device)
+    for _ in range(warmup):
+        train_step(model, optimizer, next(steps)[0], device)
+    warm_s = now(device) - start
+    tokens = flops = measured = slots = 0
+    start = now(device)
+    for micro_batches, lengths in steps:
+        train_step(model, optimizer, micro_batches, device)
+        measured += 1
+        tokens += sum(lengths)
+        slots += sum(mb["input_ids"].numel() for mb in micro_batches)
+        flops += sum(6 * n_params * t + 12 * cfg.num_hidden_layers * cfg.hidden_size * t * t for t in lengths)
+        if now(device) - start >= plan.measure_s:
+            break
+    elapsed = now(device) - start
+    result = {
+        "config": config.name,
+        **asdict(config),
+        "steps": measured,
+        "step_s": round(elapsed / measured, 4),
+        "tokens_per_s": round(tokens / elapsed),
+        "model_tflops": round(flops / elapsed / 1e12, 1),
+        "mfu": round(flops / elapsed / 1e12 / state.matmul_tflops, 4) if state.matmul_tflops else None,
+        "warmup_s": round(warm_s, 1),
+        "pad_fraction": round(1 - tokens / slots, 3),
+    }
+    spec = spec_tflops(state.results.get("env", {}).get("gpu"))
+    if spec:
+        result["mfu_vs_spec"] = round(flops / elapsed / 1e12 / spec, 4)
+    if device.type == "cuda":
+        result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return result
+
+
+def section_throughput(state: State) -> dict[str, Any]:
+    plan = state.plan
+    model = state.model = build_model(state)
+    n_params = flop_count(model)
+    records = records_from_lengths(load_sft_pairs(), model.config.vocab_size, seed=0, scale=plan.length_scale, max_length=plan.max_length)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=state.device.type == "cuda")
+    rows: list[dict[str, Any]] = []
+    summary = {"n_params_flops": n_params, "global_batch": plan.global_batch, "dtype": str(plan.dtype), "attn": "sdpa", "rows": rows}
+    state.results["throughput"] = summary
+    compiled = False
+    for config in plan.configs:
+        needed = plan.compile_budget_s if config.compile else plan.config_budget_s
+        if state.time_left() < needed:
+            rows.append({"config": config.name, "error": f"skipped: {state.time_left():.0f} s left in the section, {needed:.0f} s needed"})
+            continue
+        if config.compile and not compiled:
+            compile_layers(model)
+            compiled = True
+        try:
+            row = measure_config(state, model, optimizer, config, records, n_params)
+        except torch.OutOfMemoryError as err:
+            row = {"config": config.name, "error": f"OOM: {str(err).splitlines()[0]}"}
+        except Exception as err:  # one failing config (e.g. a compile error) must not end the grid
+            traceback.print_exc()
+            row = {"config": config.name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+        optimizer.zero_grad(set_to_none=True)
+        free_memory()
+        rows.append(row)
+        state.save()
+        print("  " + json.dumps(row), flush=True)
+    set_checkpointing(model, False)
+    del optimizer
+    free_memory()
+    return summary
+
+
+def section_overhead(state: State) -> dict[str, Any]:
+    from lit_sft.module import SFTModule
+    from lit_sft.weights import clear_cache
+
+    path = ensure_checkpoint(state)
+    knobs = dict(state.plan.overhead)
+    module = SFTModule(model_name_or_path=str(path), learning_rate=2e-5, gradient_checkpointing=knobs.pop("gradient_checkpointing"))
+    records = records_from_lengths(load_sft_pairs(), module.model.config.vocab_size, seed=1, scale=state.plan.length_scale, max_length=state.plan.max_length)
+    data = records_datamodule(records, pad_id=0, batch_size=knobs.pop("batch_size"), micro_batch_size=knobs.pop("micro_batch_size"), max_length=state.plan.max_length)
+    cuda = state.device.type == "cuda"
+    trainer_kwargs = {"accelerator": "gpu" if cuda else "cpu", "precision": "bf16-mixed" if cuda else "32-true"}
+    try:
+        result = measure_step_overhead(module, data, trainer_kwargs, **knobs)
+    finally:
+        del module
+        clear_cache()
+        free_memory()
+    return {**result.as_dict(), **state.plan.overhead, "precision": trainer_kwargs["precision"], "model_dtype": str(state.plan.dtype)}
+
+
+SPECIAL_WORDS = ("<unk>", "<pad>", "<eos>", "abcdef", "</answer>")
+"""The word tokenizer's first ids. generate's StopStringCriteria learns how tokens print by
+tokenizing the probe "abcdef", and refuses a vocabulary in which no token spells part of the
+stop string "</answer>", so both must be words; they are never used in prompts. Special tokens
+are matched inside words, so none may be a substring of a prompt word ("w123")."""
+
+
+def word_tokenizer(vocab_size: int) -> Any:
+    """A real fast tokenizer with one word per token id: prompts of an exact token length
+    through the evaluator's own code path, with no Qwen tokenizer available offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(SPECIAL_WORDS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL_WORDS), vocab_size)})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+def prompts_of_lengths(lengths: list[int], vocab_size: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(len(SPECIAL_WORDS), vocab_size)}" for _ in range(n)) for n in lengths]
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = now(device)
+    value = fn()
+    return now(device) - start, value
+
+
+def section_evaluator(state: State) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from lit_sft.weights import load_weights_into, save_weights
+
+    plan, device = state.plan, state.device
+    path = ensure_checkpoint(state)
+    result: dict[str, Any] = {}
+    state.results["evaluator"] = result
+    load_s, model = timed(device, lambda: AutoModelForCausalLM.from_pretrained(path, dtype=plan.dtype).to(device))
+    result["from_pretrained_s"] = round(load_s, 2)
+    weights = save_weights(model, state.workdir / "weights.safetensors")
+    swaps = [timed(device, lambda: load_weights_into(model, weights))[0] for _ in range(2)]
+    result.update(load_weights_into_s=[round(s, 2) for s in swaps], weights_file_gib=round(weights.stat().st_size / 2**30, 2))
+    state.save()
+
+    vocab = model.config.vocab_size
+    lengths = [max(1, round(n * plan.length_scale)) for n in load_prompt_lengths()][: plan.eval_prompts]
+    prompts = prompts_of_lengths(lengths, vocab)
+    generate, backend_name = make_generate(model, word_tokenizer(vocab), device, plan)
+    generate(prompts[:1])  # CUDA context, kernels and stop-string tables: not per-prompt costs
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # the backend's own order
+    done = new_tokens = 0
+    start = last = now(device)
+    # Batch by batch, so the section's cap cuts the work short instead of losing all of it.
+    for i in range(0, len(order), plan.eval_batch):
+        chunk = [prompts[j] for j in order[i : i + plan.eval_batch]]
+        new_tokens += sum(generate(chunk))
+        done += len(chunk)
+        batch_s, last = now(device) - last, now(device)
+        if state.time_left() < 1.5 * batch_s + 5:
+            break
+    elapsed = now(device) - start
+    result.update(
+        backend=backend_name, prompts=done, of_prompts=len(prompts), batch_size=plan.eval_batch, max_new_tokens=plan.eval_new_tokens,
+        seconds=round(elapsed, 1), prompts_per_s=round(done / elapsed, 2), new_tokens_per_s=round(new_tokens / elapsed),
+        mean_new_tokens=round(new_tokens / max(done, 1), 1), mean_prompt_tokens=round(statistics.mean(lengths), 1),
+    )
+    del model
+    free_memory()
+    return result
+
+
+def make_generate(model: torch.nn.Module, tokenizer: Any, device: torch.device, plan: Plan) -> tuple[Callable[[list[str]], list[int]], str]:
+    """prompts -> generated token counts, through lit_sft's transformers backend when present."""
+    try:
+        from lit_sft.evaluator.backends import TransformersBackend
+    except ImportError:
+        return _plain_generate(model, tokenizer, device, plan), "model.generate (backend missing)"
+    backend = TransformersBackend(model, tokenizer, str(device), plan.eval_new_tokens, plan.eval_batch)
+    return (lambda prompts: [g.num_tokens for g in backend.generate(prompts)]), "lit_sft TransformersBackend"
+
+
+def _plain_generate(model: torch.nn.Module, tokenizer: Any, device: torch.device, plan: Plan) -> Callable[[list[str]], list[int]]:
+    tokenizer.padding_side = "left"
+
+    @torch.inference_mode()
+    def generate(prompts: list[str]) -> list[int]:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        out = model.generate(**enc, do_sample=False, max_new_tokens=plan.eval_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1] :]
+        return (new != tokenizer.pad_token_id).sum(dim=1).tolist()
+
+    return generate
+
+
+# ---- table ---------------------------------------------------------------------------------------
+
+
+def fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return format(value, spec) if spec else str(value)
+
+
+def table(results: dict[str, Any]) -> str:
+    env, lines = results.get("env", {}), []
+    lines.append(f"device: {env.get('gpu', env.get('device'))}  torch {env.get('torch')}  transformers {env.get('transformers')}  lightning {env.get('lightning')}")
+    mm = results.get("matmul", {})
+    lines.append(f"bf16 matmul: {fmt(mm.get('tflops'), '.4g')} TFLOP/s measured (spec {fmt(mm.get('spec_tflops'))})  [{mm.get('status')}]")
+    tp = results.get("throughput", {})
+    lines.append(f"training throughput [{tp.get('status')}]  N={fmt(tp.get('n_params_flops'), ',')}  global batch {tp.get('global_batch')}  {tp.get('dtype')}  sdpa")
+    lines.append(f"  {'config':<28}{'tok/s':>10}{'MFU':>8}{'MFU spec':>10}{'step s':>9}{'mem GiB':>9}{'pad %':>7}")
+    for row in tp.get("rows", []):
+        if "error" in row:
+            lines.append(f"  {row['config']:<28}{row['error'][:60]}")
+            continue
+        lines.append(
+            f"  {row['config']:<28}{row['tokens_per_s']:>10,}{fmt(row.get('mfu'), '.1%'):>8}{fmt(row.get('mfu_vs_spec'), '.1%'):>10}"
+            f"{row['step_s']:>9.3f}{fmt(row.get('peak_mem_gib'), '.1f'):>9}{100 * row['pad_fraction']:>7.1f}"
+        )
+    oh = results.get("overhead", {})
+    lines.append(
+        f"lightning vs plain loop [{oh.get('status')}]: ratio {fmt(oh.get('ratio'), '.4f')} (totals {fmt(oh.get('ratio_of_totals'), '.4f')}), "
+        f"step {fmt(oh.get('lightning_step_ms'), '.1f')} vs {fmt(oh.get('plain_step_ms'), '.1f')} ms"
+    )
+    ev = results.get("evaluator", {})
+    lines.append(
+        f"evaluator [{ev.get('status')}]: {fmt(ev.get('prompts_per_s'))} prompts/s ({fmt(ev.get('prompts'))}/{fmt(ev.get('of_prompts'))} prompts, "
+        f"{fmt(ev.get('new_tokens_per_s'))} new tok/s, mean {fmt(ev.get('mean_new_tokens'))} new tokens), "
+        f"swap {fmt(ev.get('load_weights_into_s'))} s vs from_pretrained {fmt(ev.get('from_pretrained_s'))} s"
+    )
+    for name, section in results.items():
+        if isinstance(section, dict) and section.get("status") not in (None, "ok"):
+            lines.append(f"{name}: {section.get('status')}: {section.get('error', '')[:150]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny model, few steps, CPU unless a GPU is present")
+    parser.add_argument("--sections", default="matmul,throughput,overhead,evaluator")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    plan = tiny_plan() if args.tiny else gpu_plan()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.tiny:
+        print("no GPU: the full plan would take hours on CPU; run with --tiny", file=sys.stderr)
+        return 2
+    out = Path(os.environ.get("OUT") or "bench_out")
+    with tempfile.TemporaryDirectory(prefix="lit-sft-bench-") as workdir:
+        state = State(device=device, plan=plan, out=out, workdir=Path(workdir))
+        state.results["env"] = env_info(state)
+        sections = {"matmul": section_matmul, "throughput": section_throughput, "overhead": section_overhead, "evaluator": section_evaluator}
+        for name in args.sections.split(","):
+            run_section(state, name, sections[name])
+    print(f"details: {out / 'gpu_bench.json'}")
+    print(table(state.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""CheckpointPoster: hands each validated checkpoint to the evaluator and logs its accuracy later.
+
+Writing the weights is the only work done in the training loop; generation and grading happen
+in the evaluator process, and their results are picked up (never waited for) at the next train
+batch and logged at the step they belong to. Only the end of the run waits, and only up to
+`final_wait_s`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from lit_sft.evaluator.client import EvaluatorClient, EvaluatorWarning
+from lit_sft.evaluator.worker import blank_result
+from lit_sft.weights import save_weights
+
+LOGGED = ("accuracy", "format_accuracy", "correct", "wrong_answer", "format_failure", "mean_response_length")
+"""Result figures logged as `eval/<name>`."""
+
+
+class CheckpointPoster(Callback):
+    """After each validation, save the weights and post them to the evaluator; log results."""
+
+    def __init__(
+        self, client: EvaluatorClient, run_id: str, weights_dir: str | Path, final_wait_s: float = 120.0
+    ) -> None:
+        self.client = client
+        self.run_id = str(run_id)
+        self.weights_dir = Path(weights_dir)
+        self.final_wait_s = float(final_wait_s)
+        self.results: list[dict[str, Any]] = []
+        """Every evaluation of this run (ok, error, missing), in step order once the fit ended."""
+        self.received_at_step: dict[int, int] = {}
+        """Job id -> trainer.global_step when its result was picked up (shows training went on)."""
+        self.blocked_s = 0.0
+        """Seconds spent inside this callback's hooks: what the evaluator costs the training loop."""
+        self._pending: dict[int, dict[str, Any]] = {}
+        self._posted_steps: set[int] = set()
+        self._done = False
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            with self._timed():
+                self._done = False
+                self.client.start()
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        if step in self._posted_steps:
+            return  # a second validation at the same step (e.g. at the end of fit) adds nothing
+        with self._timed():
+            path = save_weights(pl_module.model, self._path(step))
+            examples_seen = int(getattr(pl_module, "examples_seen", 0))
+            job = self.client.post(self.run_id, step, examples_seen, str(path))
+            self._pending[job] = {"job": job, "run": self.run_id, "step": step, "examples_seen": examples_seen, "path": str(path)}
+            self._posted_steps.add(step)
+            self._collect(trainer, self.client.poll())
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.is_global_zero and self._pending:
+            with self._timed():
+                self._collect(trainer, self.client.poll())
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._finish(trainer, self.final_wait_s)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero:
+            # Ctrl-C means "stop now": collect what is already there, wait for nothing.
+            self._finish(trainer, 0.0 if isinstance(exception, KeyboardInterrupt) else self.final_wait_s)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.blocked_s += time.perf_counter() - start
+
+    def _path(self, step: int) -> Path:
+        safe_run = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.run_id)
+        return self.weights_dir / f"{safe_run}-step{step:08d}.safetensors"
+
+    def _collect(self, trainer: Trainer, results: list[dict[str, Any]]) -> None:
+        for result in results:
+            job = self._pending.pop(result["job"], None)
+            if job is None:
+                continue  # a job of an earlier run sharing this evaluator, given up on there
+            # The evaluator has read the file before answering; a 1.5B model's weights take 3 GB.
+            self._delete(Path(job["path"]))
+            self.received_at_step[result["job"]] = trainer.global_step
+            self.results.append(result)
+            if result["status"] == "ok":
+                self._log(trainer, result)
+            elif result["status"] == "error":
+                warnings.warn(
+                    f"evaluation of run {self.run_id} at step {result['step']} failed: {result['error']}",
+                    EvaluatorWarning,
+                    stacklevel=2,
+                )
+            # "missing" results were announced once by the client when its worker died.
+
+    @staticmethod
+    def _log(trainer: Trainer, result: dict[str, Any]) -> None:
+        metrics = {f"eval/{name}": float(result[name]) for name in LOGGED}
+        for logger in trainer.loggers:
+            # The result's own step, not the current one: the figures describe that checkpoint.
+            # W&B refuses a `step=` lower than its current step, but Lightning's WandbLogger sends
+            # the step as the `trainer/global_step` metric (its defined x-axis) and lets W&B
+            # number its own rows, so a late result still lands at the right place.
+            logger.log_metrics(metrics, step=result["step"])
+
+    def _finish(self, trainer: Trainer, wait_s: float) -> None:
+        """Wait (bounded) for the evaluations still in flight, record the rest as missing."""
+        if self._done:
+            return
+        self._done = True
+        with self._timed():
+            if self._pending:
+                self._collect(trainer, self.client.wait(wait_s, jobs=list(self._pending)))
+            if self._pending:
+                self.client.cancel(list(self._pending))
+                warnings.warn(
+                    f"{len(self._pending)} evaluation(s) of run {self.run_id} did not finish within "
+                    f"{wait_s:g} s after training; recorded as missing",
+                    EvaluatorWarning,
+                    stacklevel=2,
+                )
+                for job in self._pending.values():
+                    reason = f"no result within the final wait of {wait_s:g} s"
+                    self.results.append(blank_result(job, "missing", reason))
+                    self._delete(Path(job["path"]))
+                self._pending.clear()
+            self.results.sort(key=lambda r: (r["step"], r["job"]))
+            try:
+                self.weights_dir.rmdir()  # only if empty: other files there are not ours
+            except OSError:
+                pass
+
+    @staticmethod
+    def _delete(path: Path) -> None:
+        path.unlink(missing_ok=True)

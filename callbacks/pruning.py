@@ -1,0 +1,78 @@
+"""Optuna pruning for evaluations that happen mid-epoch, at step = examples seen.
+
+optuna-integration's PyTorchLightningPruningCallback reports at `step=trainer.current_epoch`.
+We evaluate every N optimizer steps inside one long epoch, so all of a trial's reports would land
+on step 0 (Optuna keeps the first and ignores the rest) and ASHA would never see progress. The
+resource here is examples seen, which also puts trials with different batch sizes on one axis.
+
+How a prune ends the trial: the callback sets `trainer.should_stop` and records the decision,
+and the tuner calls `check_pruned()` after `fit` returns, which raises `optuna.TrialPruned`.
+Raising from inside a hook would also reach Optuna, but Lightning treats any exception as a
+crash: the logger is finalized as "failed" and callbacks get `on_exception` instead of
+`on_fit_end`, so the W&B run of every pruned trial would read as failed and the checkpoint
+poster could not collect the evaluator's pending results. Stopping normally costs nothing: the
+stop takes effect at the next step boundary, as Lightning's EarlyStopping does.
+"""
+
+from __future__ import annotations
+
+import math
+import optuna
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+
+class OptunaPruning(Callback):
+    """Reports `monitor` to `trial` after each evaluation and stops the fit when ASHA prunes it.
+
+    The step is `pl_module.examples_seen` (global over ranks). Only global rank 0 talks to the
+    storage; its decision is broadcast so every rank stops together.
+    """
+
+    def __init__(self, trial: optuna.trial.Trial, monitor: str = "eval/loss") -> None:
+        self.trial = trial
+        self.monitor = monitor
+        self.reports: list[tuple[int, float]] = []
+        """(examples seen, value) of every report, in order."""
+        self.pruned_at: int | None = None
+        """Examples seen when the pruner stopped the trial; None while it runs on."""
+        self._warned_missing = False
+
+    @property
+    def pruned(self) -> bool:
+        return self.pruned_at is not None
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            if not self._warned_missing:
+                self._warned_missing = True
+                available = ", ".join(sorted(trainer.callback_metrics)) or "none"
+                rank_zero_warn(f"OptunaPruning: metric {self.monitor!r} was not logged (logged: {available}); this trial cannot be pruned")
+            return
+        step = int(pl_module.examples_seen)
+        value = float(value)
+        prune = False
+        if trainer.is_global_zero and not any(s == step for s, _ in self.reports):
+            # A second evaluation at the same examples seen (e.g. one at the end of fit) would
+            # make Optuna warn and drop it; it carries no new information anyway.
+            self.trial.report(value, step)
+            self.reports.append((step, value))
+            prune = self.trial.should_prune()
+        if trainer.strategy.broadcast(prune, src=0):
+            self.pruned_at = step
+            trainer.should_stop = True
+            shown = f"{value:.4f}" if math.isfinite(value) else str(value)
+            rank_zero_info(f"trial {self.trial.number} pruned at {step} examples seen ({self.monitor}={shown})")
+
+    def check_pruned(self) -> None:
+        """Raise optuna.TrialPruned if the pruner stopped this trial (call after `fit`)."""
+        if self.pruned_at is None:
+            return
+        value = next((v for s, v in self.reports if s == self.pruned_at), float("nan"))
+        raise optuna.TrialPruned(f"pruned at {self.pruned_at} examples seen with {self.monitor}={value:.6g}")

@@ -1,0 +1,41 @@
+"""What optional dependencies and devices this process can use.
+
+The one place that answers "is vllm / wandb here?" so that callers never import a heavy
+package just to find out (importing vllm takes seconds and initialises CUDA state).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+
+def has_module(name: str) -> bool:
+    """Whether `name` is importable, without importing it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        # A dotted name whose parent is missing raises instead of returning None.
+        return False
+
+
+def has_vllm() -> bool:
+    """vLLM (the `gpu` extra) is installed."""
+    return has_module("vllm")
+
+
+def has_wandb() -> bool:
+    """Weights & Biases is installed."""
+    return has_module("wandb")
+
+
+def cuda_device_count() -> int:
+    """Visible CUDA devices; 0 on a machine without CUDA.
+
+    torch is a hard dependency; `device_count` asks NVML where it can, so it does not create a
+    CUDA context (a forked or spawned child can still use CUDA afterwards).
+    """
+    import torch
+
+    if not torch.backends.cuda.is_built():
+        return 0
+    return torch.cuda.device_count()

@@ -1,0 +1,108 @@
+"""Evaluator settings (the `evaluator:` section of the config) and device/backend resolution."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from lit_sft import available
+from lit_sft.errors import UserError
+
+BACKENDS = ("auto", "transformers", "vllm")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass
+class EvaluatorConfig:
+    """How checkpoints are turned into accuracy figures, out of the training process."""
+
+    enabled: bool = True
+    """Start the evaluator process and post checkpoints to it at every validation."""
+    backend: str = "auto"
+    """`transformers` (generate; runs anywhere), `vllm` (the `gpu` extra), or `auto`: vLLM when
+    it is importable and the evaluator runs on CUDA, else transformers."""
+    device: str = "auto"
+    """`auto`: cuda:1 where there are two GPUs, else the one GPU, else CPU; or e.g. `cuda:0`."""
+    num_problems: int = 500
+    """The first N of the fixed validation problems are generated and graded each time."""
+    max_new_tokens: int = 256
+    """Generation budget per answer; a response cut off before `</answer>` is a format failure."""
+    batch_size: int = 64
+    """Prompts per `generate` call (transformers backend; vLLM schedules its own batches)."""
+    final_wait_s: float = 120.0
+    """At the end of a run, how long to wait for evaluations still in flight."""
+    num_examples: int = 4
+    """Example generations returned with each result (the first N problems, for comparison)."""
+    grading_timeout_s: float = 5.0
+    """Per-response limit for the symbolic answer check."""
+    restart_on_failure: bool = True
+    """If the evaluator process dies, start a fresh one for later checkpoints."""
+    gpu_memory_utilization: float = 0.85
+    """vLLM only: fraction of the GPU it may take. Lower it (e.g. 0.3) when the evaluator
+    shares the training GPU."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise UserError(f"evaluator.backend: {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if not _DEVICE_RE.match(str(self.device)):
+            raise UserError(f"evaluator.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        for name in ("num_problems", "max_new_tokens", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"evaluator.{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("final_wait_s", "grading_timeout_s"):
+            if float(getattr(self, name)) < 0:
+                raise UserError(f"evaluator.{name}: must not be negative, got {getattr(self, name)}")
+        if int(self.num_examples) < 0:
+            raise UserError(f"evaluator.num_examples: must not be negative, got {self.num_examples}")
+        if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:
+            raise UserError(
+                f"evaluator.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+
+def _cuda_index(device: str) -> int | None:
+    if device == "cuda":
+        return 0
+    if device.startswith("cuda:"):
+        return int(device.split(":", 1)[1])
+    return None
+
+
+def resolve_device(device: str, train_device: str, *, gpu_count: int | None = None) -> str:
+    """The concrete device for the evaluator.
+
+    `auto` keeps generation off the training GPU when there is a second one (the two then never
+    compete for memory or compute), shares the only GPU otherwise, and falls back to CPU.
+    `gpu_count` defaults to the visible CUDA devices.
+    """
+    if not _DEVICE_RE.match(str(device)):
+        raise UserError(f"evaluator.device: {device!r} is not auto, cpu, cuda or cuda:N")
+    count = available.cuda_device_count() if gpu_count is None else gpu_count
+    if device != "auto":
+        index = _cuda_index(device)
+        if index is not None and index >= count:
+            raise UserError(f"evaluator.device: {device} requested but {count} CUDA device(s) visible")
+        return "cuda:0" if device == "cuda" else device
+    if count == 0:
+        return "cpu"
+    train_index = _cuda_index(str(train_device))
+    if count >= 2:
+        return "cuda:1" if train_index != 1 else "cuda:0"
+    return "cuda:0"
+
+
+def resolve_backend(backend: str, device: str, *, vllm_installed: bool | None = None) -> str:
+    """`transformers` or `vllm` for a resolved device; UserError when vLLM cannot serve it."""
+    installed = available.has_vllm() if vllm_installed is None else vllm_installed
+    on_cuda = device.startswith("cuda")
+    if backend == "auto":
+        return "vllm" if installed and on_cuda else "transformers"
+    if backend == "vllm":
+        if not installed:
+            raise UserError("evaluator.backend: vllm is not installed (pip install 'lit-sft[gpu]')")
+        if not on_cuda:
+            raise UserError(f"evaluator.backend: vllm needs a CUDA device, evaluator.device is {device}")
+        return "vllm"
+    if backend == "transformers":
+        return "transformers"
+    raise UserError(f"evaluator.backend: {backend!r} is not one of {', '.join(BACKENDS)}")

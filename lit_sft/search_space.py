@@ -1,0 +1,205 @@
+"""The search space: a YAML mapping of hyperparameters to ranges and the config keys they set.
+
+```yaml
+learning_rate: {kind: float, low: 5.0e-6, high: 1.0e-4, log: true, key: model.learning_rate}
+batch_size:    {kind: categorical, choices: [32, 64, 128, 256], key: data.batch_size}
+```
+
+Kinds map one-to-one onto Optuna's `suggest_float`, `suggest_int` and `suggest_categorical`,
+so a space file says exactly what the sampler does. Every problem in the file is collected and
+raised once, naming the file, line and entry.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lit_sft.errors import UserError
+
+KINDS = ("float", "int", "categorical")
+_RANGE_FIELDS = {"low", "high", "log", "step"}
+_FIELDS = {"float": _RANGE_FIELDS, "int": _RANGE_FIELDS, "categorical": {"choices"}}
+_COMMON = {"kind", "key"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter: its Optuna distribution and the dotted config key it sets."""
+
+    name: str
+    kind: str
+    key: str
+    """Dotted path into the config, e.g. model.learning_rate."""
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial: Any) -> Any:
+        if self.kind == "float":
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+        if self.kind == "int":
+            return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=self.step or 1)
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+    @property
+    def largest(self) -> Any:
+        """The largest value this parameter can take (for sizing the pruner's first rung)."""
+        return max(self.choices) if self.kind == "categorical" else self.high
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    path: Path
+    params: tuple[Param, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def by_key(self, key: str) -> Param | None:
+        return next((p for p in self.params if p.key == key), None)
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Ask the trial for a value of every parameter, in file order."""
+        return {p.name: p.suggest(trial) for p in self.params}
+
+    def apply(self, cfg: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        """A deep copy of `cfg` with each parameter's value set at its dotted key."""
+        out = copy.deepcopy(cfg)
+        for param in self.params:
+            *parents, leaf = param.key.split(".")
+            node = out
+            for part in parents:
+                node = node[part]
+            node[leaf] = values[param.name]
+        return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> Any:
+    # YAML 1.1 (PyYAML) reads `5e-6` (no dot) as a string; accept what is plainly a number.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _has_key(cfg: dict[str, Any], dotted: str) -> bool:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return not isinstance(node, dict)
+
+
+def _line_numbers(text: str) -> dict[str, int]:
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        return {}
+    return {key.value: key.start_mark.line + 1 for key, _ in root.value if isinstance(key, yaml.ScalarNode)}
+
+
+def _check_entry(name: str, entry: Any, cfg: dict[str, Any] | None) -> tuple[Param | None, list[str]]:
+    """A Param from one entry, or the problems that prevent it."""
+    if not isinstance(entry, dict):
+        return None, [f"expected a mapping with kind, key and a range or choices, got {entry!r}"]
+    problems: list[str] = []
+    kind = entry.get("kind")
+    if kind not in KINDS:
+        problems.append(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    key = entry.get("key")
+    if not isinstance(key, str) or not key:
+        problems.append("key is missing: the dotted config key this parameter sets, e.g. model.learning_rate")
+    elif cfg is not None and not _has_key(cfg, key):
+        problems.append(f"key {key!r} maps to no config key")
+    allowed = _COMMON | _FIELDS.get(kind, set().union(*_FIELDS.values()))
+    for unknown in sorted(set(entry) - allowed, key=str):
+        problems.append(f"unknown field {unknown!r} (allowed for kind {kind}: {', '.join(sorted(allowed))})")
+    if kind == "categorical":
+        choices = entry.get("choices")
+        if not isinstance(choices, list) or not choices:
+            problems.append("choices must be a non-empty list")
+        else:
+            bad = [c for c in choices if not (c is None or isinstance(c, (bool, int, float, str)))]
+            if bad:
+                problems.append(f"choices must be numbers, strings, booleans or null, got {bad!r}")
+            if len({repr(c) for c in choices}) != len(choices):
+                problems.append(f"choices repeat a value: {choices!r}")
+        if problems:
+            return None, problems
+        return Param(name, kind, key, choices=tuple(choices)), []
+    if kind in ("float", "int"):
+        low, high, step = (_number(entry.get(f)) for f in ("low", "high", "step"))
+        log = entry.get("log", False)
+        number_ok = _is_number if kind == "float" else (lambda v: isinstance(v, int) and not isinstance(v, bool))
+        for field_name, value in (("low", low), ("high", high)):
+            if value is None:
+                problems.append(f"{field_name} is missing")
+            elif not number_ok(value):
+                problems.append(f"{field_name} must be {'a number' if kind == 'float' else 'an integer'}, got {value!r}")
+        if step is not None and (not number_ok(step) or step <= 0):
+            problems.append(f"step must be a positive {'number' if kind == 'float' else 'integer'}, got {step!r}")
+        if not isinstance(log, bool):
+            problems.append(f"log must be true or false, got {log!r}")
+        ranged = number_ok(low) and number_ok(high)
+        if ranged and low > high:
+            problems.append(f"low ({low}) > high ({high})")
+        if log is True and ranged and low <= 0:
+            problems.append(f"log scale needs low > 0, got low={low}")
+        if log is True and step is not None:
+            problems.append("log and step cannot be combined (Optuna samples either on a log scale or on a grid)")
+        if problems:
+            return None, problems
+        if kind == "float":
+            low, high = float(low), float(high)
+        return Param(name, kind, key, low=low, high=high, log=log, step=step), []
+    return None, problems
+
+
+def load_search_space(path: str | Path, cfg: dict[str, Any] | None = None) -> SearchSpace:
+    """Read and validate a search space file; with `cfg`, every key must exist in it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read search space: {err.strerror or err}") from err
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{path}: expected a mapping of hyperparameter names to entries, got {type(raw).__name__}")
+    lines = _line_numbers(text)
+    params: list[Param] = []
+    problems: list[str] = []
+    for name, entry in raw.items():
+        param, entry_problems = _check_entry(str(name), entry, cfg)
+        where = f"line {lines[name]}, {name}" if name in lines else str(name)
+        problems.extend(f"{where}: {p}" for p in entry_problems)
+        if param is not None:
+            params.append(param)
+    # Checked over all entries, valid or not, so one run reports everything.
+    keys = {name: entry["key"] for name, entry in raw.items() if isinstance(entry, dict) and isinstance(entry.get("key"), str)}
+    for key in sorted({k for k in keys.values() if list(keys.values()).count(k) > 1}):
+        names = [str(name) for name, k in keys.items() if k == key]
+        problems.append(f"{', '.join(names)}: all set {key}, and each config key may be searched once")
+    if problems:
+        count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
+        raise UserError(f"search space {path}: {count}: " + "; ".join(problems))
+    return SearchSpace(path=path, params=tuple(params))

@@ -1,0 +1,150 @@
+"""The `study:` section of a tune config: what to search, how to sample and prune, where to store.
+
+Plain dataclasses, so `lit_sft.config.build_parser(tune=True)` turns them into typed, documented
+CLI options (`--study.n_trials 5`, `--study.pruner.reduction_factor 4`) and the tuner rebuilds
+them from the parsed dict with `StudyConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from lit_sft.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class SamplerConfig:
+    """Optuna's TPESampler (seeded with `study.seed`)."""
+
+    n_startup_trials: int = 5
+    """Trials sampled at random before TPE starts modelling the space."""
+    constant_liar: bool = True
+    """Treat running trials as bad so parallel workers do not all propose the same point."""
+    multivariate: bool = True
+    """Model the parameters jointly (learning rate and batch size interact), not one by one."""
+
+
+@dataclass
+class PrunerConfig:
+    """ASHA: optuna.pruners.SuccessiveHalvingPruner. Its resource is examples seen."""
+
+    enabled: bool = True
+    min_resource: int | None = None
+    """Examples seen at the first rung. null = trainer.val_check_interval x the largest batch size
+    in the search space: the examples the largest-batch trial has seen at its first evaluation, so
+    every trial has been evaluated at least once by each rung and rungs compare equal data."""
+    reduction_factor: int = 3
+    """Rung k sits at min_resource x reduction_factor^k examples; about 1/reduction_factor of the
+    trials reaching a rung go on past it."""
+    min_early_stopping_rate: int = 0
+    """Skip this many rungs before the first pruning decision."""
+
+
+@dataclass
+class StudyConfig:
+    """One Optuna study: TPE proposes, ASHA prunes, every trial is one `train(cfg)`."""
+
+    n_trials: int = 20
+    """Trials in the study in total, over restarts and parallel workers (not per process)."""
+    name: str = "lit-sft"
+    """Study name in the storage; also the W&B group and the key of per-trial files."""
+    storage: str | None = None
+    """Optuna storage URL (sqlite:///..., postgresql://...); null = sqlite file results_dir/optuna.db."""
+    results_dir: str = "results/optuna"
+    """study_results.yaml, plots/, best_model/ and per-trial files (trials/<study>/trial-NNNN/)."""
+    seed: int = 0
+    """Sampler seed (offset by the number of existing trials on resume, so proposals are new)."""
+    direction: Literal["minimize", "maximize"] = "minimize"
+    metric: str = "eval/loss"
+    """Objective: a metric logged at each evaluation; a trial's value is its best, not its last.
+    Early stopping and pruning watch it too."""
+    search_space: str = "configs/search_space.yaml"
+    """YAML mapping each hyperparameter to its range and the dotted config key it sets."""
+    timeout_s: float | None = None
+    """Stop starting new trials after this many seconds (this process); null = no limit."""
+    heartbeat_interval_s: int | None = 60
+    """RDB storages only: a running trial's heartbeat; a trial silent for 3 intervals (its process
+    died) is marked FAIL when a worker next starts a trial. null disables."""
+    save_best_model: bool = True
+    """Keep the best trial's best weights (save_pretrained + tokenizer) in results_dir/best_model."""
+    plots: bool = True
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> StudyConfig:
+        """From the parsed config's `study` section; all problems collected into one UserError."""
+        raw = dict(raw or {})
+        problems: list[str] = []
+        nested = {"sampler": SamplerConfig, "pruner": PrunerConfig}
+        kwargs: dict[str, Any] = {}
+        known = {f.name for f in fields(cls)}
+        for key, value in raw.items():
+            if key not in known:
+                problems.append(f"study.{key}: unknown key (known: {', '.join(sorted(known))})")
+            elif key in nested:
+                sub_known = {f.name for f in fields(nested[key])}
+                value = dict(value or {})
+                for sub in sorted(set(value) - sub_known):
+                    problems.append(f"study.{key}.{sub}: unknown key (known: {', '.join(sorted(sub_known))})")
+                kwargs[key] = nested[key](**{k: v for k, v in value.items() if k in sub_known})
+            else:
+                kwargs[key] = value
+        if problems:
+            raise UserError("; ".join(problems))
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        problems = []
+        if not isinstance(self.n_trials, int) or self.n_trials < 1:
+            problems.append(f"study.n_trials must be >= 1, got {self.n_trials!r}")
+        if not self.name or "/" in self.name:
+            problems.append(f"study.name must be a non-empty name without '/', got {self.name!r}")
+        if self.direction not in ("minimize", "maximize"):
+            problems.append(f"study.direction must be minimize or maximize, got {self.direction!r}")
+        if not self.metric:
+            problems.append("study.metric must name a logged metric, e.g. eval/loss")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            problems.append(f"study.timeout_s must be > 0 or null, got {self.timeout_s}")
+        if self.heartbeat_interval_s is not None and self.heartbeat_interval_s < 1:
+            problems.append(f"study.heartbeat_interval_s must be >= 1 or null, got {self.heartbeat_interval_s}")
+        if self.sampler.n_startup_trials < 0:
+            problems.append(f"study.sampler.n_startup_trials must be >= 0, got {self.sampler.n_startup_trials}")
+        if self.pruner.min_resource is not None and self.pruner.min_resource < 1:
+            problems.append(f"study.pruner.min_resource must be >= 1 or null, got {self.pruner.min_resource}")
+        if self.pruner.reduction_factor < 2:
+            problems.append(f"study.pruner.reduction_factor must be >= 2, got {self.pruner.reduction_factor}")
+        if self.pruner.min_early_stopping_rate < 0:
+            problems.append(f"study.pruner.min_early_stopping_rate must be >= 0, got {self.pruner.min_early_stopping_rate}")
+        if problems:
+            raise UserError("; ".join(problems))
+
+    @property
+    def results_path(self) -> Path:
+        return Path(self.results_dir)
+
+    @property
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        return f"sqlite:///{(self.results_path / 'optuna.db').resolve()}"
+
+    def search_space_path(self) -> Path:
+        """Relative paths are tried from the working directory, then from the project root, so
+        `python /path/to/tune.py` works from anywhere with the shipped configs."""
+        path = Path(self.search_space)
+        if path.is_absolute() or path.exists():
+            return path
+        shipped = PROJECT_ROOT / path
+        if shipped.exists():
+            return shipped
+        raise UserError(f"study.search_space: no such file: {self.search_space}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,55 @@
+"""Every config under configs/ parses; overrides take effect; bad keys are clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lit_sft.config import complete, parse
+from lit_sft.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "search_space" not in p.name)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_parses_and_starts_with_its_command(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # configs name data paths relative to the project root
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# python "), f"{path} must start with the command that runs it"
+    tune = path.name.startswith("tune")
+    if "qwen" in str(path) and not (ROOT.parent / "shared" / "data").is_dir():
+        pytest.skip("reference config points at ../shared/data")
+    cfg = parse(["--config", str(path)], tune=tune)
+    assert cfg["trainer"]["max_steps"] > 0 and cfg["data"]["batch_size"] > 0
+    assert ("study" in cfg) == tune
+
+
+def test_dotted_overrides_take_effect():
+    cfg = parse(["--config", str(ROOT / "configs/sft.yaml"), "--model.learning_rate", "1e-5", "--data.batch_size", "64", "--model.weight_decay", "0.01"])
+    assert cfg["model"]["learning_rate"] == 1e-5
+    assert cfg["data"]["batch_size"] == 64
+    assert cfg["model"]["weight_decay"] == 0.01
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--model.learning_rat", "1e-3"], "learning_rat"),
+        (["--data.batch_size", "many"], "batch_size"),
+        (["--data.train_path", "/nonexistent/sft.jsonl"], "/nonexistent/sft.jsonl"),
+        (["--trainer.max_steps", "0"], "max_steps"),
+        (["--trainer.accumulate_grad_batches", "4"], "micro_batch_size"),
+    ],
+)
+def test_bad_config_is_one_clear_user_error(argv, needle):
+    with pytest.raises(UserError, match=needle):
+        parse(argv)
+
+
+def test_partial_config_is_completed_and_unknown_keys_rejected():
+    cfg = complete({"model": {"learning_rate": 0.5}})
+    assert cfg["model"]["learning_rate"] == 0.5 and cfg["early_stopping"]["patience"] == 3
+    with pytest.raises(UserError, match="model.lerning_rate"):
+        complete({"model": {"lerning_rate": 0.5}})

@@ -1,0 +1,103 @@
+"""SFTDataModule: fixed eval split, exact step batches, counted truncation, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lit_sft.data import SFTDataModule
+from lit_sft.errors import UserError
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _records(n):
+    return [{"prompt": f"User: what is {i}+1?\nAssistant: <think>", "response": f" {i}+1={i + 1} </think> <answer>{i + 1}</answer>", "ground_truth": str(i + 1)} for i in range(n)]
+
+
+def _dm(tiny_model_path, **kw):
+    kw.setdefault("eval_size", 4)
+    return SFTDataModule(tokenizer_name_or_path=tiny_model_path, **kw)
+
+
+def test_eval_split_is_fixed_across_runs_and_disjoint(tiny_model_path, tmp_path):
+    path = _write(tmp_path / "sft.jsonl", _records(40))
+    a, b = _dm(tiny_model_path, train_path=path), _dm(tiny_model_path, train_path=path)
+    a.setup("fit"), b.setup("fit")
+    assert [r["input_ids"] for r in a.eval_set] == [r["input_ids"] for r in b.eval_set]
+    train_ids = {tuple(r["input_ids"]) for r in a.train_set}
+    assert not train_ids & {tuple(r["input_ids"]) for r in a.eval_set}
+    assert len(a.eval_set) == 4 and len(a.train_set) == 36
+
+
+def test_each_train_batch_is_one_step_of_exactly_batch_size_examples(tiny_model_path, tmp_path):
+    dm = _dm(tiny_model_path, train_path=_write(tmp_path / "sft.jsonl", _records(40)), batch_size=8, micro_batch_size=3)
+    dm.setup("fit")
+    steps = list(dm.train_dataloader())
+    assert len(steps) == 36 // 8
+    for step in steps:
+        assert [mb["num_examples"] for mb in step] == [3, 3, 2]
+
+
+def test_truncation_is_counted_or_refused(tiny_model_path, tmp_path):
+    long = _records(20)
+    long[3]["response"] = " " + "1+1=2 " * 200 + "</think> <answer>2</answer>"
+    path = _write(tmp_path / "sft.jsonl", long)
+    cut = _dm(tiny_model_path, train_path=path, max_length=64)
+    cut.setup("fit")
+    assert cut.stats.truncated == 1 and max(cut.stats.lengths) == 64
+    drop = _dm(tiny_model_path, train_path=path, max_length=64, truncation="drop")
+    drop.setup("fit")
+    assert drop.stats.dropped == 1 and drop.stats.examples == 19
+    with pytest.raises(UserError, match="max_length"):
+        _dm(tiny_model_path, train_path=path, max_length=64, truncation="error").setup("fit")
+
+
+def test_prompt_longer_than_max_length_is_a_user_error(tiny_model_path, tmp_path):
+    records = _records(20)
+    records[5]["prompt"] = "User: " + "long question " * 100 + "\nAssistant: <think>"
+    with pytest.raises(UserError, match=r"record 6 .*prompt is \d+ tokens"):
+        _dm(tiny_model_path, train_path=_write(tmp_path / "sft.jsonl", records), max_length=64).setup("fit")
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("", "empty"),
+        ('{"prompt": "a", "response": "b"}\n{not json\n', ":2"),
+        ('{"prompt": "a"}\n', "response"),
+    ],
+)
+def test_bad_files_name_the_file_and_line(tiny_model_path, tmp_path, content, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=needle) as err:
+        _dm(tiny_model_path, train_path=str(path)).setup("fit")
+    assert "bad.jsonl" in str(err.value)
+
+
+def test_batch_larger_than_dataset_and_bad_numbers(tiny_model_path, tmp_path):
+    with pytest.raises(UserError, match="batch_size=64"):
+        _dm(tiny_model_path, train_path=_write(tmp_path / "s.jsonl", _records(20)), batch_size=64).setup("fit")
+    with pytest.raises(UserError, match="batch_size.*micro_batch_size"):
+        SFTDataModule(batch_size=0, micro_batch_size=0)
+
+
+def test_unknown_tokenizer_path_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="nonexistent"):
+        SFTDataModule(tokenizer_name_or_path=str(tmp_path / "nonexistent"), num_generated=40).setup("fit")
+
+
+def test_real_sft_traces_load_and_mask(tiny_model_path, shared_data):
+    dm = _dm(tiny_model_path, train_path=str(shared_data / "math/sft.jsonl"), max_length=512, eval_size=50)
+    dm.setup("fit")
+    assert dm.stats.examples + dm.stats.dropped == 1767
+    assert len(dm.eval_set) == 50
+    row = dm.train_set[0]
+    assert row["labels"][0] == -100 and row["labels"][-1] != -100
+    problems = SFTDataModule(validation_path=str(shared_data / "math/validation.jsonl"), num_validation_problems=20).validation_problems
+    assert len(problems) == 20 and all(p.prompt.rstrip().endswith("<think>") for p in problems)
