@@ -8,7 +8,6 @@ Run as a script to regenerate the length samples from ../shared/data:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 import statistics

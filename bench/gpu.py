@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
     load_prompt_lengths,
+    sync,
     load_sft_pairs,
     measure_step_overhead,
     now,
@@ -131,9 +132,9 @@ def gpu_plan() -> Plan:
         model=QWEN25_15B, dtype=torch.bfloat16, length_scale=1.0, global_batch=64, max_length=2048,
         configs=eager + compiled, warmup_steps=2, measure_steps=6, measure_s=10.0, compile_warmup_steps=3, config_budget_s=20, compile_budget_s=60,
         matmul_n=8192, matmul_s=3.0,
-        overhead={"batch_size": 64, "micro_batch_size": 8, "gradient_checkpointing": True, "warmup": 2, "rounds": 6, "block": 2},
+        overhead={"batch_size": 64, "micro_batch_size": 8, "gradient_checkpointing": True, "warmup": 1, "rounds": 4, "block": 1},
         eval_prompts=500, eval_new_tokens=256, eval_batch=64,
-        caps_s={"matmul": 30, "throughput": 230, "overhead": 100, "evaluator": 120},
+        caps_s={"matmul": 20, "profile": 60, "throughput": 170, "overhead": 80, "evaluator": 120},
     )
 
 
@@ -145,7 +146,7 @@ def tiny_plan() -> Plan:
         matmul_n=256, matmul_s=0.5,
         overhead={"batch_size": 16, "micro_batch_size": 8, "gradient_checkpointing": False, "warmup": 1, "rounds": 2, "block": 1},
         eval_prompts=16, eval_new_tokens=8, eval_batch=8,
-        caps_s={"matmul": 20, "throughput": 300, "overhead": 120, "evaluator": 120},
+        caps_s={"matmul": 20, "profile": 120, "throughput": 300, "overhead": 120, "evaluator": 120},
     )
 
 
@@ -185,6 +186,8 @@ class State:
     matmul_tflops: float | None = None
     model: torch.nn.Module | None = None
     checkpoint: Path | None = None
+    only_configs: set[str] = field(default_factory=set)
+    """Throughput configs to run (by name); empty = all."""
 
     def time_left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -281,7 +284,8 @@ def spec_tflops(device_name: str | None) -> float | None:
 
 
 def section_matmul(state: State) -> dict[str, Any]:
-    n, dtype = state.plan.matmul_n, torch.bfloat16
+    # The training dtype's rate: bf16 on the GPU (fp32 in the CPU check, where MFU means little).
+    n, dtype = state.plan.matmul_n, state.plan.dtype
     a = torch.randn(n, n, device=state.device, dtype=dtype)
     b = torch.randn(n, n, device=state.device, dtype=dtype)
     for _ in range(3):
@@ -297,7 +301,7 @@ def section_matmul(state: State) -> dict[str, Any]:
     tflops = 2 * n**3 * iters / elapsed / 1e12
     state.matmul_tflops = tflops
     name = state.results.get("env", {}).get("gpu")
-    return {"n": n, "iterations": iters, "tflops": float(f"{tflops:.4g}"), "spec_tflops": spec_tflops(name)}
+    return {"n": n, "dtype": str(dtype), "iterations": iters, "tflops": float(f"{tflops:.4g}"), "spec_tflops": spec_tflops(name)}
 
 
 def make_steps(state: State, config: TrainConfig, records: list[dict[str, Any]], count: int, seed: int) -> Iterator[tuple[list[dict[str, Any]], list[int]]]:
@@ -380,9 +384,80 @@ def measure_config(state: State, model: torch.nn.Module, optimizer: torch.optim.
     return result
 
 
+def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
+    """train_step with the device synchronized around each phase: where a step's time goes."""
+    phases = dict.fromkeys(("to_device", "forward", "loss", "backward", "optimizer"), 0.0)
+    cpu_start, wall_start = time.process_time(), now(device)
+    scale = 1.0 / max(sum(mb["num_target_tokens"] for mb in micro_batches), 1)
+    for micro in micro_batches:
+        t0 = now(device)
+        micro = to_device(micro, device)
+        t1 = now(device)
+        logits = model(**model_inputs(micro)).logits
+        t2 = now(device)
+        nll, _ = token_nll_sum(logits, micro["labels"])
+        t3 = now(device)
+        (nll * scale).backward()
+        t4 = now(device)
+        del logits, nll
+        for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            phases[name] += seconds
+    t5 = now(device)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    phases["optimizer"] = now(device) - t5
+    phases["wall"] = now(device) - wall_start
+    phases["cpu_process"] = time.process_time() - cpu_start
+    return {k: round(v, 4) for k, v in phases.items()}
+
+
+def device_time_s(events: Any) -> float:
+    """Summed kernel time of profiler events (attribute renamed across torch versions)."""
+    attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    return sum(getattr(e, attr) for e in events) / 1e6
+
+
+def section_profile(state: State) -> dict[str, Any]:
+    """Where a step's time goes: phase timings for two configs, and a profiler table of one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    plan, device = state.plan, state.device
+    model = state.model = state.model if state.model is not None else build_model(state)
+    records = records_from_lengths(load_sft_pairs(), model.config.vocab_size, seed=0, scale=plan.length_scale, max_length=plan.max_length)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    result: dict[str, Any] = {"phases": {}}
+    state.results["profile"] = result
+    for config in (TrainConfig(False, 16), TrainConfig(True, 32)):
+        steps = make_steps(state, config, records, 3, seed=0)
+        train_step(model, optimizer, next(steps)[0], device)
+        result["phases"][config.name] = timed_step(model, optimizer, next(steps)[0], device)
+        print(f"  {config.name}: {result['phases'][config.name]}", flush=True)
+    micro_batches = next(make_steps(state, TrainConfig(False, 16), records, 1, seed=1))[0]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = now(device)
+    with profile(activities=activities) as prof:
+        train_step(model, optimizer, micro_batches, device)
+        sync(device)
+    wall = now(device) - start
+    events = prof.key_averages()
+    sort_device = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    tables = {"by_cpu": events.table(sort_by="self_cpu_time_total", row_limit=15)}
+    if device.type == "cuda":
+        tables["by_device"] = events.table(sort_by=sort_device, row_limit=15)
+        result["profiled_step_wall_s"] = round(wall, 3)
+        result["profiled_kernel_s"] = round(device_time_s(events), 3)
+    for name, text in tables.items():
+        print(f"  profile {name}:\n{text}", flush=True)
+        (state.out / f"profile_{name}.txt").write_text(text)
+    del optimizer
+    free_memory()
+    return result
+
+
 def section_throughput(state: State) -> dict[str, Any]:
     plan = state.plan
-    model = state.model = build_model(state)
+    model = state.model = state.model if state.model is not None else build_model(state)
     n_params = flop_count(model)
     records = records_from_lengths(load_sft_pairs(), model.config.vocab_size, seed=0, scale=plan.length_scale, max_length=plan.max_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=state.device.type == "cuda")
@@ -391,6 +466,8 @@ def section_throughput(state: State) -> dict[str, Any]:
     state.results["throughput"] = summary
     compiled = False
     for config in plan.configs:
+        if state.only_configs and config.name not in state.only_configs:
+            continue
         needed = plan.compile_budget_s if config.compile else plan.config_budget_s
         if state.time_left() < needed:
             rows.append({"config": config.name, "error": f"skipped: {state.time_left():.0f} s left in the section, {needed:.0f} s needed"})
@@ -422,7 +499,10 @@ def section_overhead(state: State) -> dict[str, Any]:
 
     path = ensure_checkpoint(state)
     knobs = dict(state.plan.overhead)
-    module = SFTModule(model_name_or_path=str(path), learning_rate=2e-5, gradient_checkpointing=knobs.pop("gradient_checkpointing"))
+    module = SFTModule(
+        model_name_or_path=str(path), learning_rate=2e-5,
+        gradient_checkpointing=knobs.pop("gradient_checkpointing"), gradient_clip_val=knobs.pop("gradient_clip_val"),
+    )
     records = records_from_lengths(load_sft_pairs(), module.model.config.vocab_size, seed=1, scale=state.plan.length_scale, max_length=state.plan.max_length)
     data = records_datamodule(records, pad_id=0, batch_size=knobs.pop("batch_size"), micro_batch_size=knobs.pop("micro_batch_size"), max_length=state.plan.max_length)
     cuda = state.device.type == "cuda"
@@ -487,24 +567,30 @@ def section_evaluator(state: State) -> dict[str, Any]:
     lengths = [max(1, round(n * plan.length_scale)) for n in load_prompt_lengths()][: plan.eval_prompts]
     prompts = prompts_of_lengths(lengths, vocab)
     generate, backend_name = make_generate(model, word_tokenizer(vocab), device, plan)
-    generate(prompts[:1])  # CUDA context, kernels and stop-string tables: not per-prompt costs
+    warm_s, _ = timed(device, lambda: generate(prompts[:1]))  # kernels, stop-string tables: once per process
+    result["first_generate_s"] = round(warm_s, 2)
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # the backend's own order
     done = new_tokens = 0
+    result.update(backend=backend_name, of_prompts=len(prompts), batch_size=plan.eval_batch, max_new_tokens=plan.eval_new_tokens,
+                  mean_prompt_tokens=round(statistics.mean(lengths), 1), batch_s=[])
     start = last = now(device)
-    # Batch by batch, so the section's cap cuts the work short instead of losing all of it.
+    # Batch by batch, recording as it goes, so the section's cap cuts the work short instead of
+    # losing all of it.
     for i in range(0, len(order), plan.eval_batch):
         chunk = [prompts[j] for j in order[i : i + plan.eval_batch]]
         new_tokens += sum(generate(chunk))
         done += len(chunk)
-        batch_s, last = now(device) - last, now(device)
+        t = now(device)
+        batch_s, last, elapsed = t - last, t, t - start
+        result["batch_s"].append(round(batch_s, 2))
+        result.update(
+            prompts=done, seconds=round(elapsed, 1), prompts_per_s=round(done / elapsed, 2),
+            new_tokens_per_s=round(new_tokens / elapsed), mean_new_tokens=round(new_tokens / done, 1),
+        )
+        state.save()
+        print(f"  generated {done}/{len(prompts)} prompts in {elapsed:.1f} s (last batch {batch_s:.1f} s)", flush=True)
         if state.time_left() < 1.5 * batch_s + 5:
             break
-    elapsed = now(device) - start
-    result.update(
-        backend=backend_name, prompts=done, of_prompts=len(prompts), batch_size=plan.eval_batch, max_new_tokens=plan.eval_new_tokens,
-        seconds=round(elapsed, 1), prompts_per_s=round(done / elapsed, 2), new_tokens_per_s=round(new_tokens / elapsed),
-        mean_new_tokens=round(new_tokens / max(done, 1), 1), mean_prompt_tokens=round(statistics.mean(lengths), 1),
-    )
     del model
     free_memory()
     return result
@@ -548,7 +634,7 @@ def table(results: dict[str, Any]) -> str:
     env, lines = results.get("env", {}), []
     lines.append(f"device: {env.get('gpu', env.get('device'))}  torch {env.get('torch')}  transformers {env.get('transformers')}  lightning {env.get('lightning')}")
     mm = results.get("matmul", {})
-    lines.append(f"bf16 matmul: {fmt(mm.get('tflops'), '.4g')} TFLOP/s measured (spec {fmt(mm.get('spec_tflops'))})  [{mm.get('status')}]")
+    lines.append(f"{mm.get('dtype')} matmul: {fmt(mm.get('tflops'), '.4g')} TFLOP/s measured (spec {fmt(mm.get('spec_tflops'))})  [{mm.get('status')}]")
     tp = results.get("throughput", {})
     lines.append(f"training throughput [{tp.get('status')}]  N={fmt(tp.get('n_params_flops'), ',')}  global batch {tp.get('global_batch')}  {tp.get('dtype')}  sdpa")
     lines.append(f"  {'config':<28}{'tok/s':>10}{'MFU':>8}{'MFU spec':>10}{'step s':>9}{'mem GiB':>9}{'pad %':>7}")
@@ -560,6 +646,14 @@ def table(results: dict[str, Any]) -> str:
             f"  {row['config']:<28}{row['tokens_per_s']:>10,}{fmt(row.get('mfu'), '.1%'):>8}{fmt(row.get('mfu_vs_spec'), '.1%'):>10}"
             f"{row['step_s']:>9.3f}{fmt(row.get('peak_mem_gib'), '.1f'):>9}{100 * row['pad_fraction']:>7.1f}"
         )
+    prof = results.get("profile", {})
+    for name, ph in prof.get("phases", {}).items():
+        lines.append(
+            f"profile {name}: wall {ph['wall']:.3f} s = fwd {ph['forward']:.3f} + loss {ph['loss']:.3f} + bwd {ph['backward']:.3f} "
+            f"+ opt {ph['optimizer']:.3f} + h2d {ph['to_device']:.3f}; CPU process time {ph['cpu_process']:.3f} s"
+        )
+    if "profiled_kernel_s" in prof:
+        lines.append(f"profile: kernels busy {prof['profiled_kernel_s']:.3f} s of a {prof['profiled_step_wall_s']:.3f} s step (profiler on)")
     oh = results.get("overhead", {})
     lines.append(
         f"lightning vs plain loop [{oh.get('status')}]: ratio {fmt(oh.get('ratio'), '.4f')} (totals {fmt(oh.get('ratio_of_totals'), '.4f')}), "
@@ -580,10 +674,18 @@ def table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny model, few steps, CPU unless a GPU is present")
-    parser.add_argument("--sections", default="matmul,throughput,overhead,evaluator")
+    parser.add_argument("--sections", default="matmul,throughput,overhead,evaluator", help="comma list; also: profile")
+    parser.add_argument("--configs", default="", help='throughput configs by name, e.g. "padded mb16 compile,packed mb8"')
+    parser.add_argument("--cap", action="append", default=[], metavar="SECTION=SECONDS", help="override a section's time cap")
+    parser.add_argument("--no-clip", action="store_true",
+                        help="overhead section without gradient clipping, in both loops (SFTModule's clip_gradients "
+                             "refuses a fused AdamW under bf16-mixed in Lightning 2.6)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     plan = tiny_plan() if args.tiny else gpu_plan()
+    for item in args.cap:
+        section, _, seconds = item.partition("=")
+        plan.caps_s[section] = float(seconds)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.tiny:
         print("no GPU: the full plan would take hours on CPU; run with --tiny", file=sys.stderr)
@@ -592,7 +694,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lit-sft-bench-") as workdir:
         state = State(device=device, plan=plan, out=out, workdir=Path(workdir))
         state.results["env"] = env_info(state)
-        sections = {"matmul": section_matmul, "throughput": section_throughput, "overhead": section_overhead, "evaluator": section_evaluator}
+        state.only_configs = {c.strip() for c in args.configs.split(",") if c.strip()}
+        state.plan.overhead["gradient_clip_val"] = None if args.no_clip else 1.0
+        sections = {
+            "matmul": section_matmul, "profile": section_profile, "throughput": section_throughput,
+            "overhead": section_overhead, "evaluator": section_evaluator,
+        }
         for name in args.sections.split(","):
             run_section(state, name, sections[name])
     print(f"details: {out / 'gpu_bench.json'}")

@@ -41,8 +41,9 @@ class CheckpointPoster(Callback):
         """Every evaluation of this run (ok, error, missing), in step order once the fit ended."""
         self.received_at_step: dict[int, int] = {}
         """Job id -> trainer.global_step when its result was picked up (shows training went on)."""
-        self.blocked_s = 0.0
-        """Seconds spent inside this callback's hooks: what the evaluator costs the training loop."""
+        self.blocked: dict[str, float] = {"post": 0.0, "poll": 0.0, "final_wait": 0.0}
+        """Seconds spent inside this callback's hooks, by kind: writing and posting weights,
+        polling for results, the bounded wait at the end. What the evaluator costs training."""
         self._pending: dict[int, dict[str, Any]] = {}
         self._posted_steps: set[int] = set()
         self._done = False
@@ -52,7 +53,7 @@ class CheckpointPoster(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
-            with self._timed():
+            with self._timed("post"):
                 self._done = False
                 self.client.start()
 
@@ -63,7 +64,7 @@ class CheckpointPoster(Callback):
         step = trainer.global_step
         if step in self._posted_steps:
             return  # a second validation at the same step (e.g. at the end of fit) adds nothing
-        with self._timed():
+        with self._timed("post"):
             path = save_weights(pl_module.model, self._path(step))
             examples_seen = int(getattr(pl_module, "examples_seen", 0))
             job = self.client.post(self.run_id, step, examples_seen, str(path))
@@ -76,7 +77,7 @@ class CheckpointPoster(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if trainer.is_global_zero and self._pending:
-            with self._timed():
+            with self._timed("poll"):
                 self._collect(trainer, self.client.poll())
 
     @override
@@ -92,13 +93,18 @@ class CheckpointPoster(Callback):
 
     # -- internals -------------------------------------------------------------------------------
 
+    @property
+    def blocked_s(self) -> float:
+        """Total seconds the training loop spent in this callback."""
+        return sum(self.blocked.values())
+
     @contextmanager
-    def _timed(self) -> Iterator[None]:
+    def _timed(self, kind: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.blocked_s += time.perf_counter() - start
+            self.blocked[kind] += time.perf_counter() - start
 
     def _path(self, step: int) -> Path:
         safe_run = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.run_id)
@@ -138,7 +144,7 @@ class CheckpointPoster(Callback):
         if self._done:
             return
         self._done = True
-        with self._timed():
+        with self._timed("final_wait"):
             if self._pending:
                 self._collect(trainer, self.client.wait(wait_s, jobs=list(self._pending)))
             if self._pending:

@@ -67,7 +67,7 @@ def build_parser(tune: bool = False):
     from lit_sft.module import SFTModule
 
     prog = "tune.py" if tune else "train.py fit"
-    parser = LightningArgumentParser(prog=prog, description=__doc__, exit_on_error=False)
+    parser = LightningArgumentParser(prog=prog, description=__doc__, exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--config", action="config", help="YAML config file (configs/*.yaml)")
     parser.add_argument("--seed_everything", type=int, default=0, help="Seed for torch, numpy and python random")
     parser.add_argument("--output_dir", type=str, default="results/train", help="Run artefacts: best model, weight files")

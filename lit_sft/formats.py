@@ -112,14 +112,14 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """
     path = Path(path)
     try:
-        raw_lines = path.read_bytes().split(b"\n")
+        with path.open("rb") as lines:
+            records = [_parse_line(raw, path, number) for number, raw in enumerate(lines, start=1) if raw.strip()]
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, expected a .jsonl file") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
-    records = [_parse_line(raw, path, number) for number, raw in enumerate(raw_lines, start=1) if raw.strip()]
     if not records:
         raise UserError(f"{path}: empty file (no records)")
     return records
@@ -128,7 +128,8 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
 def _parse_line(raw: bytes, path: Path, number: int) -> tuple[int, dict]:
     where = f"{path}:{number}"
     try:
-        text = raw.decode("utf-8")
+        # A byte-order mark, which some editors write, is not JSON.
+        text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
     try:
@@ -219,12 +220,14 @@ def _to_example(record: dict, schema: str, where: str) -> Example:
 
 def _to_problem(record: dict, schema: str, where: str) -> Problem:
     if schema == "prompt_response":
+        prompt = _text(record, "prompt", schema, where)
         answer = _optional_text(record, "ground_truth", schema, where)
         if answer is None:
-            raise UserError(f"{where}: missing field 'ground_truth' (schema prompt_response, needed to grade a problem)")
-        return Problem(_text(record, "prompt", schema, where), answer)
+            raise UserError(f"{where}: missing field 'ground_truth' (schema prompt_response; a problem needs it)")
+        return Problem(prompt, answer)
     if schema == "problem_answer":
-        return Problem(r1_zero_prompt(_text(record, "problem", schema, where)), _text(record, "answer", schema, where))
+        prompt = r1_zero_prompt(_text(record, "problem", schema, where))
+        return Problem(prompt, _text(record, "answer", schema, where))
     if schema == "question_answer":
         prompt = r1_zero_prompt(_text(record, "question", schema, where))
         return Problem(prompt, _gsm8k_answer(record, where)[1])
@@ -277,5 +280,10 @@ def _optional_text(record: dict, field: str, schema: str, where: str) -> str | N
 
 
 def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), type(value).__name__)

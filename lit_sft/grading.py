@@ -41,8 +41,9 @@ _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 _LAYOUT = re.compile(r"\\[!,;: ]|\\(?:left|right)(?![A-Za-z])|\s+")
 _TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
 # Plain-text math a model writes for LaTeX; "5⁄11" uses the fraction slash U+2044 (math/sft.jsonl has it).
+# Only unambiguous symbols: an en dash may be a range, so it stays.
 _UNICODE = {
-    "°": "^\\circ", "−": "-", "–": "-", "⁄": "/", "∕": "/", "÷": "\\div", "×": "\\times",
+    "°": "^\\circ", "−": "-", "⁄": "/", "∕": "/", "÷": "\\div", "×": "\\times",
     "π": "\\pi", "∞": "\\infty", "√": "\\sqrt", "≤": "\\le", "≥": "\\ge",
 }
 # MATH writes some counts in words ("\mbox{four}"); a model that answers "4" is right.
@@ -82,8 +83,9 @@ class Grade:
 def grade(response: str, ground_truth: str, timeout_s: float = 5) -> Grade:
     """Grade one response generated after an r1_zero prompt.
 
-    ground_truth is an answer or a full solution with \\boxed{}. timeout_s bounds each math-verify
-    step (whole seconds in the main thread, where math-verify's alarm does it); <= 0 skips math-verify.
+    ground_truth is an answer or a full solution with \\boxed{}. timeout_s bounds math-verify's
+    work (in whole seconds per parse/compare step, as math-verify's alarm counts them, so a call
+    may take about twice timeout_s at worst); <= 0 compares normalised text only.
     """
     response = response if isinstance(response, str) else ""
     ground_truth = ground_truth if isinstance(ground_truth, str) else ""

@@ -19,6 +19,13 @@ from lit_sft.weights import load_causal_lm, resolve_model_path
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
+def _checkpointing_on(model: torch.nn.Module) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing; ask the new name first (no warning).
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
 class SFTModule(LightningModule):
     """Causal-LM SFT with AdamW, warmup then decay, gradient clipping.
 
@@ -68,7 +75,7 @@ class SFTModule(LightningModule):
         if enabled:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
-        elif getattr(self.model, "is_activation_checkpointing", getattr(self.model, "is_gradient_checkpointing", False)):
+        elif _checkpointing_on(self.model):
             self.model.gradient_checkpointing_disable()
 
     def _common_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,7 +80,8 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         "number": trial.number,
         "state": trial.state.name,
         "params": dict(trial.params),
-        "value": _finite(trial.value) if trial.values else None,
+        # Optuna stores a pruned trial's last report as its value; only a complete trial has an objective.
+        "value": _finite(trial.value) if trial.state == TrialState.COMPLETE else None,
         "best_objective": _finite(attrs.get("best_objective")),
         "accuracy": _finite(attrs.get("accuracy")),
         "categories": attrs.get("categories"),
@@ -140,7 +141,7 @@ def format_table(summary: dict[str, Any]) -> str:
             note = f"{r['reason']}: {r['error']}"[:80]
         elif r["state"] == "COMPLETE" and r.get("best_examples_seen") is not None:
             note = f"best at {r['best_examples_seen']} examples"
-        value = r["value"] if r["value"] is not None else r["best_objective"]
+        value = _objective(r)
         cells = [
             f"{r['number']}{'*' if r['number'] == summary['best_trial'] else ''}",
             r["state"].lower(),
@@ -202,57 +203,66 @@ def _label(row: dict[str, Any]) -> str:
 _LINESTYLE = {"COMPLETE": "-", "PRUNED": "--", "FAIL": ":", "RUNNING": "-."}
 
 
-def _curves(plt, rows, histories, key: str, source: str, ylabel: str, title: str, path: Path, ax=None, markers: bool = True) -> bool:
-    """One line per trial of `key` against examples seen; False when no trial has any point."""
-    own = ax is None
-    if own:
-        fig, ax = plt.subplots(figsize=(9, 5.5))
+def _draw_curves(plt, ax, rows, histories, key: str, source: str, markers: bool = True) -> int:
+    """One line per trial of `key` against examples seen; returns how many trials had points."""
     cmap = plt.get_cmap("tab20" if len(rows) > 10 else "tab10")
     drawn = 0
     for i, row in enumerate(rows):
-        points = [(r["examples_seen"], r[key]) for r in histories[row["number"]][source] if r.get(key) is not None and r.get("examples_seen") is not None and r.get("status", "ok") == "ok"]
+        # evaluator rows carry a status; a missing or failed evaluation has no figures
+        points = sorted((r["examples_seen"], r[key]) for r in histories[row["number"]][source]
+                        if r.get(key) is not None and r.get("examples_seen") is not None and r.get("status", "ok") == "ok")
         if not points:
             continue
-        xs, ys = zip(*sorted(points))
-        style = _LINESTYLE.get(row["state"], "-")
-        ax.plot(xs, ys, style, color=cmap(i % cmap.N), marker="o" if markers else None, markersize=3, linewidth=1.3, label=_label(row))
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, _LINESTYLE.get(row["state"], "-"), color=cmap(i % cmap.N), marker="o" if markers or len(xs) < 3 else None,
+                markersize=3, linewidth=1.3, label=_label(row))
         drawn += 1
-    if own:
-        if drawn:
-            ax.set_xlabel("examples seen")
-            ax.set_ylabel(ylabel)
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-            fig.tight_layout()
-            fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return drawn > 0
+    return drawn
 
 
 def _plot_losses(plt, rows, histories, metric: str, path: Path) -> bool:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), sharex=False)
-    any_train = _curves(plt, rows, histories, "train/loss", "history", "", "", path, ax=left, markers=False)
-    any_eval = _curves(plt, rows, histories, metric, "history", "", "", path, ax=right)
-    if not (any_train or any_eval):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
+    drawn = _draw_curves(plt, left, rows, histories, "train/loss", "history", markers=False)
+    drawn += _draw_curves(plt, right, rows, histories, metric, "history")
+    if not drawn:
         plt.close(fig)
         return False
     for ax, title in ((left, "train/loss (logged steps)"), (right, f"{metric} (evaluations; a trial's value is its best)")):
         ax.set_xlabel("examples seen")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        lines = [l for l in ax.get_lines()]
-        ys = [y for l in lines for y in l.get_ydata() if y is not None and math.isfinite(y) and y > 0]
+        ys = [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y) and y > 0]
         if ys and max(ys) / min(ys) > 10:
             ax.set_yscale("log")
     left.set_ylabel("loss")
-    handles, labels = right.get_legend_handles_labels() if right.get_lines() else left.get_legend_handles_labels()
+    handles, labels = (right if right.get_lines() else left).get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(0.83, 0.5), frameon=False)
     fig.suptitle("Loss per trial against examples seen (dashed: pruned, dotted: failed)", fontsize=11)
     fig.tight_layout(rect=(0, 0, 0.83, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _plot_accuracy(plt, rows, histories, path: Path) -> bool:
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    if not _draw_curves(plt, ax, rows, histories, "accuracy", "evaluations"):
+        plt.close(fig)
+        return False
+    ax.set_xlabel("examples seen")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Evaluator accuracy per trial (dashed: pruned)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _objective(row: dict[str, Any]) -> float | None:
+    """A complete trial's value, else (pruned) the best value it reached before it stopped."""
+    return row["value"] if row["value"] is not None else row["best_objective"]
 
 
 def _plot_hyperparams(plt, rows, summary, path: Path) -> bool:
@@ -263,8 +273,8 @@ def _plot_hyperparams(plt, rows, summary, path: Path) -> bool:
     if x_name is None or y_name is None or not placed:
         return False
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    colored = [r for r in placed if (r["value"] if r["value"] is not None else r["best_objective"]) is not None]
-    values = [r["value"] if r["value"] is not None else r["best_objective"] for r in colored]
+    colored = [r for r in placed if _objective(r) is not None]
+    values = [_objective(r) for r in colored]
     cmap = plt.get_cmap("viridis" if summary["direction"] == "minimize" else "viridis_r")
     norm = plt.Normalize(min(values), max(values)) if values else None
     sc = None
@@ -275,9 +285,14 @@ def _plot_hyperparams(plt, rows, summary, path: Path) -> bool:
     grey = [r for r in placed if r not in colored]
     if grey:
         ax.scatter([r["params"][x_name] for r in grey], [r["params"][y_name] for r in grey], marker="s", s=70, color="lightgrey", edgecolors="black", linewidths=0.6, label="failed / no value", zorder=3)
-    for r in placed:
-        star = r["number"] == summary["best_trial"]
-        ax.annotate(f"#{r['number']}{' best' if star else ''}", (r["params"][x_name], r["params"][y_name]), xytext=(6, 5), textcoords="offset points", fontsize=8, fontweight="bold" if star else None)
+    for i, r in enumerate(placed):
+        # Alternate labels above and below: neighbouring trials often share a batch size.
+        ax.annotate(f"#{r['number']}", (r["params"][x_name], r["params"][y_name]), xytext=(6, 6 if i % 2 == 0 else -13),
+                    textcoords="offset points", fontsize=8)
+    best = next((r for r in placed if r["number"] == summary["best_trial"]), None)
+    if best is not None:
+        ax.scatter([best["params"][x_name]], [best["params"][y_name]], s=300, facecolors="none", edgecolors="red",
+                   linewidths=1.5, label=f"best (#{best['number']})", zorder=4)
     if sc is not None:
         fig.colorbar(sc, ax=ax, label=f"{summary['metric']} (pruned: best before pruning)")
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
@@ -372,7 +387,7 @@ def make_plots(study: optuna.Study, summary: dict[str, Any], results_dir: str | 
     skipped: dict[str, str] = {}
     own = [
         ("training_loss.png", lambda p: _plot_losses(plt, rows, histories, summary["metric"], p), "no trial logged a loss"),
-        ("eval_accuracy.png", lambda p: _curves(plt, rows, histories, "accuracy", "evaluations", "accuracy", "Evaluator accuracy per trial (dashed: pruned)", p), "no evaluator results (evaluator disabled or none finished)"),
+        ("eval_accuracy.png", lambda p: _plot_accuracy(plt, rows, histories, p), "no evaluator results (evaluator disabled or none finished)"),
         ("hyperparam_comparison.png", lambda p: _plot_hyperparams(plt, rows, summary, p), "needs two numeric parameters and at least one trial"),
         ("categorization.png", lambda p: _plot_categories(plt, rows, p), "no evaluator results (evaluator disabled or none finished)"),
     ]

@@ -139,10 +139,10 @@ class StudyConfig:
         """Relative paths are tried from the working directory, then from the project root, so
         `python /path/to/tune.py` works from anywhere with the shipped configs."""
         path = Path(self.search_space)
-        if path.is_absolute() or path.exists():
+        if path.exists():
             return path
         shipped = PROJECT_ROOT / path
-        if shipped.exists():
+        if not path.is_absolute() and shipped.exists():
             return shipped
         raise UserError(f"study.search_space: no such file: {self.search_space}")
 

@@ -103,9 +103,11 @@ def make_storage(study_cfg: StudyConfig) -> optuna.storages.BaseStorage | str:
         engine_kwargs["connect_args"] = {"timeout": 60}
     hb = study_cfg.heartbeat_interval_s
     try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=hb, grace_period=3 * hb if hb else None,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=hb, grace_period=3 * hb if hb else None,
+            )
     except Exception as err:  # bad URL, missing driver, unreachable server: all the user's to fix
         raise UserError(f"study.storage: cannot open {url}: {str(err).splitlines()[0]}") from err
 
@@ -226,6 +228,14 @@ class Objective:
         except UserError as err:
             self._record_failure(trial, err, "config")
             raise
+        except (KeyboardInterrupt, SystemExit) as err:
+            # Lightning turns Ctrl-C inside fit into sys.exit(1) after its own shutdown; as a
+            # KeyboardInterrupt, Optuna records the trial as FAIL (not RUNNING forever) and
+            # tune() still writes the report of the trials so far.
+            self._record_failure(trial, err, "interrupted")
+            if isinstance(err, KeyboardInterrupt):
+                raise
+            raise KeyboardInterrupt from err
         except torch.cuda.OutOfMemoryError as err:
             self._record_failure(trial, err, "oom")
             raise TrialFailed(f"oom: {_one_line(err)}") from err
@@ -302,9 +312,14 @@ class Objective:
 # ---- progress -------------------------------------------------------------------------------
 
 
+def _head(number: int, n_trials: int) -> str:
+    """`[k/n] trial N`: k counts the study's trials (over restarts), N is Optuna's trial number."""
+    return f"[{number + 1}/{n_trials}] trial {number}"
+
+
 def progress_start(trial: optuna.Trial, params: dict[str, Any], n_trials: int) -> None:
     shown = " ".join(f"{k}={format_value(v)}" for k, v in params.items())
-    print(f"[trial {trial.number + 1}/{n_trials}] start: {shown}", flush=True)
+    print(f"{_head(trial.number, n_trials)} start: {shown}", flush=True)
 
 
 class Progress:
@@ -316,7 +331,7 @@ class Progress:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         cfg = self.study_cfg
         a = trial.user_attrs
-        head = f"[trial {trial.number + 1}/{cfg.n_trials}] {trial.state.name.lower()}"
+        head = f"{_head(trial.number, cfg.n_trials)} {trial.state.name.lower()}"
         secs = f" in {trial.duration.total_seconds():.0f}s" if trial.duration else ""
         if trial.state == TrialState.COMPLETE:
             acc = f" accuracy={a['accuracy']:.3f}" if a.get("accuracy") is not None else ""
@@ -352,7 +367,8 @@ def tune(cfg: dict[str, Any]) -> dict[str, Any]:
     study = open_study(study_cfg, cfg, space)
     counted = len(study.get_trials(deepcopy=False, states=COUNTED))
     remaining = study_cfg.n_trials - counted
-    print(f"study {study_cfg.name} ({study_cfg.storage_url}): {counted} trials so far, running up to {max(remaining, 0)} of {study_cfg.n_trials}", flush=True)
+    todo = f"running up to {remaining} more" if remaining > 0 else "nothing left to run"
+    print(f"study {study_cfg.name} ({study_cfg.storage_url}): {counted} of {study_cfg.n_trials} trials so far, {todo}", flush=True)
     evaluator = None
     start = time.perf_counter()
     try:

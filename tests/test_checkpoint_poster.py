@@ -97,7 +97,9 @@ class KillEvaluatorAfterFirstPost(Callback):
             self.killed = (pid, trainer.global_step)
 
 
-def fit(model_path: str, tmp_path: Path, poster: CheckpointPoster, *extra: Callback, max_steps: int, every: int) -> tuple[Trainer, list[dict[str, str]]]:
+def fit(
+    model_path: str, tmp_path: Path, poster: CheckpointPoster, *extra: Callback, max_steps: int, every: int, accelerator: str = "cpu"
+) -> tuple[Trainer, list[dict[str, str]]]:
     """Train TinyLM with the poster and a CSV logger; returns the trainer and the logged rows."""
     module = TinyLM(model_path)
     train, val = loaders(module.model.config.vocab_size)
@@ -105,7 +107,7 @@ def fit(model_path: str, tmp_path: Path, poster: CheckpointPoster, *extra: Callb
     trainer = Trainer(
         max_steps=max_steps, max_epochs=-1, val_check_interval=every, check_val_every_n_epoch=None,
         limit_val_batches=1, num_sanity_val_steps=1, logger=logger, callbacks=[poster, *extra],
-        accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator=accelerator, devices=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(module, train, val)
     with open(Path(logger.log_dir) / "metrics.csv") as f:
@@ -134,7 +136,10 @@ def test_results_are_logged_at_their_step_while_training_goes_on(client: Evaluat
     assert trainer.global_step < 2000, "no evaluation result came back during training"
     assert client.pid != os.getpid()
     steps = [r["step"] for r in poster.results]
-    assert steps == list(range(10, steps[-1] + 1, 10)) and 0 not in steps  # no sanity-check post
+    # Every 10 steps, plus the validation Lightning runs when a callback stops training; none
+    # for the sanity check at step 0.
+    assert steps[:2] == [10, 20] and steps == sorted(set(steps)) and 0 not in steps
+    assert all(s % 10 == 0 for s in steps[:-1]) and steps[-1] == trainer.global_step
     assert all(r["status"] == "ok" and r["run"] == "trial-0" for r in poster.results)
     assert [r["examples_seen"] for r in poster.results] == [4 * s for s in steps]
     # The loop never waited: results came back steps after their post, picked up mid-training.
@@ -170,7 +175,7 @@ def test_killed_evaluator_training_goes_on_and_it_restarts(client: EvaluatorClie
     stopper = StopWhen(poster, lambda p: any(r["status"] == "ok" for r in p.results))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer, rows = fit(tiny_model_path, tmp_path, poster, killer, stopper, max_steps=5000, every=10)
+        trainer, rows = fit(tiny_model_path, tmp_path, poster, killer, stopper, max_steps=5000, every=50)
     assert killer.killed is not None
     dead_pid, kill_step = killer.killed
     assert trainer.global_step > kill_step
@@ -203,3 +208,13 @@ def test_failed_evaluations_are_kept_and_never_logged(tiny_model_path: str, tmp_
     failures = [w for w in caught if issubclass(w.category, EvaluatorWarning)]
     assert len(failures) == 2 and "step 10 failed" in str(failures[0].message)
     assert eval_rows(rows) == {}
+
+
+@pytest.mark.gpu
+def test_gpu_training_posts_to_a_gpu_evaluator(tiny_model_path: str, tmp_path: Path) -> None:
+    config = EvaluatorConfig(device="auto", num_problems=8, max_new_tokens=16, batch_size=8)
+    with EvaluatorClient(tiny_model_path, PROBLEMS, config, train_device="cuda:0") as gpu_client:
+        poster = CheckpointPoster(gpu_client, "gpu", tmp_path / "weights", final_wait_s=LOAD_TIMEOUT_S)
+        trainer, rows = fit(tiny_model_path, tmp_path, poster, max_steps=40, every=20, accelerator="gpu")
+    assert [(r["step"], r["status"]) for r in poster.results] == [(20, "ok"), (40, "ok")]
+    assert sorted(eval_rows(rows)) == [20, 40]

@@ -36,7 +36,7 @@ def test_dotted_overrides_take_effect():
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--model.learning_rat", "1e-3"], "learning_rat"),
+        (["--model.lerning_rate", "1e-3"], "lerning_rate"),
         (["--data.batch_size", "many"], "batch_size"),
         (["--data.train_path", "/nonexistent/sft.jsonl"], "/nonexistent/sft.jsonl"),
         (["--trainer.max_steps", "0"], "max_steps"),

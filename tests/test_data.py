@@ -21,6 +21,7 @@ def _records(n):
 
 def _dm(tiny_model_path, **kw):
     kw.setdefault("eval_size", 4)
+    kw.setdefault("batch_size", 4)
     return SFTDataModule(tokenizer_name_or_path=tiny_model_path, **kw)
 
 
@@ -93,7 +94,7 @@ def test_unknown_tokenizer_path_is_a_user_error(tmp_path):
 
 
 def test_real_sft_traces_load_and_mask(tiny_model_path, shared_data):
-    dm = _dm(tiny_model_path, train_path=str(shared_data / "math/sft.jsonl"), max_length=512, eval_size=50)
+    dm = _dm(tiny_model_path, train_path=str(shared_data / "math/sft.jsonl"), max_length=8192, eval_size=50)
     dm.setup("fit")
     assert dm.stats.examples + dm.stats.dropped == 1767
     assert len(dm.eval_set) == 50

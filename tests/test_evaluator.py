@@ -60,8 +60,11 @@ class Checkpoints:
     """Tokens the trained model generates up to and including `</answer>`."""
 
 
-def memorise(model: torch.nn.Module, tokenizer, prompt: str, response: str, max_steps: int = 500) -> None:
-    """Train until greedy decoding after `prompt` reproduces `response` token for token."""
+def memorise(model: torch.nn.Module, tokenizer, prompt: str, response: str, max_steps: int = 500, margin_steps: int = 20) -> None:
+    """Train until greedy decoding after `prompt` reproduces `response` token for token.
+
+    `margin_steps` more steps widen the logit margins, so bf16 inference on a GPU agrees too.
+    """
     ids = tokenizer(prompt + response, return_tensors="pt").input_ids
     n = len(tokenizer(prompt).input_ids)
     labels = ids.clone()
@@ -69,10 +72,14 @@ def memorise(model: torch.nn.Module, tokenizer, prompt: str, response: str, max_
     target = ids[0, n:]
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(max_steps):
+    matched_at = None
+    for step in range(max_steps):
         out = model(input_ids=ids, labels=labels)
         # Teacher-forced argmax equal to the target everywhere means greedy generation is too.
-        if torch.equal(out.logits[0, n - 1 : -1].argmax(-1), target):
+        matches = torch.equal(out.logits[0, n - 1 : -1].argmax(-1), target)
+        if matches and matched_at is None:
+            matched_at = step
+        if matches and step >= matched_at + margin_steps:
             model.eval()
             return
         out.loss.backward()
@@ -367,3 +374,17 @@ def test_worker_never_outlives_its_parent(tiny_model_path: str, tmp_path: Path, 
             parent.wait()
         parent.stdout.close()
         parent.stderr.close()
+
+
+@pytest.mark.gpu
+def test_worker_generates_on_the_gpu(tiny_model_path: str, checkpoints: Checkpoints) -> None:
+    """device auto beside cuda:0 training: a GPU (cuda:1 where there are two), bf16, same answers."""
+    config = small_config(device="auto")
+    with EvaluatorClient(tiny_model_path, PROBLEMS, config, train_device="cuda:0") as gpu_client:
+        assert gpu_client.device == ("cuda:1" if torch.cuda.device_count() > 1 else "cuda:0")
+        job = gpu_client.post("gpu", 1, 8, str(checkpoints.trained))
+        result = wait_for(gpu_client, [job])[job]
+        assert gpu_client.ready_info["device"] == gpu_client.device
+    assert result["status"] == "ok", result["error"]
+    assert (result["correct"], result["wrong_answer"], result["format_failure"]) == (5, 3, 0)
+    assert result["examples"][0]["response"].strip() == ANSWERED.strip()

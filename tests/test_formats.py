@@ -83,6 +83,12 @@ def test_read_jsonl_bad_content_names_file_and_line(tmp_path: Path, content: byt
         read_jsonl(path)
 
 
+def test_read_jsonl_accepts_a_byte_order_mark_and_crlf(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n{"a": 2}\r\n')
+    assert read_jsonl(path) == [(1, {"a": 1}), (2, {"a": 2})]
+
+
 def test_read_jsonl_missing_file_and_directory(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"nope\.jsonl: no such file"):
         read_jsonl(tmp_path / "nope.jsonl")
@@ -178,7 +184,7 @@ def test_problem_answer_is_a_problem_but_not_an_example() -> None:
 @pytest.mark.parametrize(
     ("record", "message"),
     [
-        ({"prompt": "p", "response": 3}, r"d\.jsonl:2: field 'response' must be a string, got a number \(schema prompt_response\)"),
+        ({"prompt": "p", "response": 3}, r"d\.jsonl:2: field 'response' must be a string, got a number \(schema"),
         ({"prompt": "p", "response": None}, r"d\.jsonl:2: missing field 'response' \(schema prompt_response\)"),
         ({"prompt": "p", "response": "  "}, r"d\.jsonl:2: field 'response' is empty \(schema prompt_response\)"),
         ({"prompt": ["p"], "response": "r"}, r"d\.jsonl:2: field 'prompt' must be a string, got an array"),
@@ -245,7 +251,7 @@ def test_real_sft_traces(shared_data: Path) -> None:
     examples = load_examples(path)
     records = read_jsonl(path)
     assert len(examples) == len(records) == 1767
-    assert all(e.prompt == r["prompt"] and e.response == r["response"] and e.answer == r["ground_truth"] for e, (_, r) in zip(examples, records))
+    assert examples == [Example(r["prompt"], r["response"], r["ground_truth"]) for _, r in records]
     problems = load_problems(path)
     assert [p.answer for p in problems] == [r["ground_truth"] for _, r in records]
 
@@ -255,7 +261,8 @@ def test_real_math_validation(shared_data: Path) -> None:
     problems = load_problems(path)
     assert len(problems) == 5000
     assert all(p.prompt.endswith("Assistant: <think>") and p.answer for p in problems)
-    assert problems[1] == Problem(r1_zero_prompt("Two fair 6-sided dice are rolled.  What is the probability the sum rolled is 9?"), "\\dfrac{1}{9}")
+    question = "Two fair 6-sided dice are rolled.  What is the probability the sum rolled is 9?"
+    assert problems[1] == Problem(r1_zero_prompt(question), "\\dfrac{1}{9}")
     with pytest.raises(UserError, match=r"validation\.jsonl:1: schema problem_answer"):
         load_examples(path)
 

@@ -7,9 +7,10 @@ building a model (and, for vLLM, its CUDA graphs and KV cache) costs far more th
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +61,7 @@ def check_weights_file(path: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 
-def _inference_dtype(device: str) -> "torch.dtype":
+def _inference_dtype(device: str) -> torch.dtype:
     import torch
 
     if device.startswith("cuda"):
@@ -119,7 +120,7 @@ class TransformersBackend:
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
-                for i, generation in zip(batch, self._generate_batch([prompts[i] for i in batch])):
+                for i, generation in zip(batch, self._generate_batch([prompts[i] for i in batch]), strict=True):
                     out[i] = generation
         return [g for g in out if g is not None]
 
@@ -131,7 +132,7 @@ class TransformersBackend:
         done = (new == self.generation_config.pad_token_id).int().cumsum(dim=1) > 0
         counts = (~done).sum(dim=1).tolist()
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        return [Generation(truncate_at_stop(t), int(n)) for t, n in zip(texts, counts)]
+        return [Generation(truncate_at_stop(t), int(n)) for t, n in zip(texts, counts, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------------

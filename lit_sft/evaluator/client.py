@@ -18,9 +18,11 @@ import os
 import time
 import warnings
 import weakref
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait as wait_any
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_any
+from typing import TYPE_CHECKING, Any
 
 from lit_sft.errors import UserError
 from lit_sft.evaluator import worker
@@ -35,6 +37,9 @@ MAX_RESTARTS = 3
 # How long `stop` lets an idle worker exit on its own before terminating it.
 _STOP_GRACE_S = 2.0
 _KILL_GRACE_S = 2.0
+# vLLM sizes its KV cache from the GPU memory free while it starts; on a GPU shared with training
+# it must be built first (once per study), so `start` waits for it up to this long.
+_SHARED_GPU_READY_TIMEOUT_S = 900.0
 
 
 class EvaluatorWarning(UserWarning):
@@ -85,6 +90,7 @@ class EvaluatorClient:
         self.config = config
         self.model_path = resolve_model_path(model_name_or_path)
         self.device = resolve_device(config.device, train_device)
+        self.train_device = "cuda:0" if train_device == "cuda" else str(train_device)
         self.backend = resolve_backend(config.backend, self.device)
         self.problems = [(p.prompt, p.answer) for p in list(problems)[: config.num_problems]]
         self._ctx = mp.get_context("spawn")
@@ -95,7 +101,8 @@ class EvaluatorClient:
         self._fatal: str | None = None
         """Why no worker can serve (start-up failed, or died too often); every job gets it."""
         self._restarts = 0
-        self._started_once = False
+        self._crashed = False
+        """The last worker died unasked: the next post starts a new one (and counts a restart)."""
         self.ready_info: dict[str, Any] | None = None
         """The latest worker's ready message: pid, load_seconds, backend, device."""
         _LIVE.add(self)
@@ -103,9 +110,16 @@ class EvaluatorClient:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawn the worker unless one is running; returns at once (the model loads in the worker)."""
+        """Spawn the worker unless one is running.
+
+        Returns at once (the model loads in the worker), except for vLLM on the training GPU,
+        which is waited for: it must claim its memory before training does.
+        """
         if self._worker is not None or self._fatal is not None:
             return
+        if self._crashed:
+            self._restarts += 1
+            self._crashed = False
         spec = worker.WorkerSpec(
             model_path=self.model_path,
             backend=self.backend,
@@ -129,7 +143,8 @@ class EvaluatorClient:
         process.start()
         writer.close()  # only the worker may hold the write end, or its death never reads as EOF
         self._worker = _Worker(process=process, jobs=jobs, results=reader)
-        self._started_once = True
+        if self.backend == "vllm" and self.device == self.train_device:
+            self.wait_ready(_SHARED_GPU_READY_TIMEOUT_S)
 
     @property
     def pid(self) -> int | None:
@@ -202,10 +217,7 @@ class EvaluatorClient:
         }
         self._next_job += 1
         self._drain()
-        if self._worker is None and self._fatal is None and self._started_once:
-            self._restart()
-        elif self._worker is None and self._fatal is None:
-            self.start()
+        self.start()  # no-op while a worker runs; a new one after a crash
         if self._worker is None:
             self._finished.append(worker.blank_result(job, "error", self._fatal or "evaluator is not running"))
             return job["job"]
@@ -308,6 +320,7 @@ class EvaluatorClient:
         self._worker = None
         self._close(current)
         can_restart = self.config.restart_on_failure and self._restarts < MAX_RESTARTS
+        self._crashed = can_restart
         if not can_restart:
             why = "restart_on_failure is off" if not self.config.restart_on_failure else f"it died {MAX_RESTARTS + 1} times"
             self._fatal = f"evaluator process died (exit code {code}) and is not restarted: {why}"
@@ -317,10 +330,6 @@ class EvaluatorClient:
             EvaluatorWarning,
             stacklevel=4,
         )
-
-    def _restart(self) -> None:
-        self._restarts += 1
-        self.start()
 
     def _record_missing(self, current: _Worker, reason: str, status: str = "missing") -> None:
         for job in current.outstanding.values():

@@ -110,7 +110,7 @@ def evaluate(backend: Any, spec: WorkerSpec, job: dict[str, Any]) -> dict[str, A
     answers = [a for _, a in spec.problems]
     try:
         generations = backend.generate(prompts)
-        categories = [grade(g.text, a, timeout_s=spec.grading_timeout_s).category.value for g, a in zip(generations, answers)]
+        categories = [grade(g.text, a, timeout_s=spec.grading_timeout_s).category.value for g, a in zip(generations, answers, strict=True)]
     except Exception as err:
         detail = "".join(traceback.format_exception_only(type(err), err)).strip()
         return blank_result(job, "error", f"generation failed: {detail}", time.perf_counter() - start)

@@ -1,0 +1,182 @@
+"""Calibrate the embedded task: accuracy after ~1 minute of CPU training, per learning rate.
+
+A plain PyTorch loop, on purpose free of Lightning and of the rest of lit-sft, so the numbers say
+what the task and the model size allow, not what the trainer costs: AdamW, loss on response
+tokens only (prompt labels -100), right padding; then greedy generation (left padding) on held-out
+problems and exact match of the answer between <answer> and </answer> after </think>.
+
+    python bench/calibrate_task.py                          # default lrs, 60 s each
+    python bench/calibrate_task.py --lrs 1e-3 3e-3 --budget-s 30 --layers 2 --hidden 128
+
+Each learning rate starts from the same initial weights and sees the same batches. One row of the
+table per learning rate; with --json the rows are also written as JSON (one object a line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_sft.synthetic import make_problems, make_sft_records  # noqa: E402
+from lit_sft.tiny import DEFAULT_HIDDEN, DEFAULT_LAYERS, build_tiny_model  # noqa: E402
+
+IGNORE = -100
+ANSWER = re.compile(r"</think>.*?<answer>(.*?)</answer>", re.DOTALL)
+
+
+@dataclass
+class Row:
+    """One learning rate's result."""
+
+    lr: float
+    layers: int
+    hidden: int
+    params: int
+    steps: int
+    seconds: float
+    """Wall time of the training steps alone (no data preparation, no evaluation)."""
+    steps_per_s: float
+    final_loss: float
+    """Mean training loss over the last 20 steps (per response token)."""
+    accuracy: float
+    """Share of held-out problems whose generated answer matches exactly."""
+    format_ok: float
+    """Share of generations with an <answer> after </think>, right or wrong."""
+    eval_seconds: float
+    mean_tokens: float
+    """Mean prompt+response+eos length of the training examples, in tokens."""
+
+
+def encode_records(tokenizer, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) of n generated records: prompt and response tokenized apart."""
+    records = make_sft_records(n, seed)
+    prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id]
+    return [(p + r + eos, [IGNORE] * len(p) + r + eos) for p, r in zip(prompts, responses)]
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right padding; padded positions are masked out of attention and loss."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = [x + [pad_id] * (width - len(x)) for x, _ in batch]
+    labels = [y + [IGNORE] * (width - len(y)) for _, y in batch]
+    mask = [[1] * len(x) + [0] * (width - len(x)) for x, _ in batch]
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+
+
+def train(model, batches: list[dict[str, torch.Tensor]], lr: float, budget_s: float, warmup: int) -> tuple[int, float, float]:
+    """Train until the batches or the time run out; returns (steps, seconds, final loss)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if time.perf_counter() - start >= budget_s:
+            break
+    seconds = time.perf_counter() - start
+    tail = losses[-20:]
+    return len(losses), seconds, sum(tail) / len(tail)
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, problems: list[dict], prompts: list[str], max_new_tokens: int) -> tuple[float, float]:
+    """(exact-match accuracy, format rate) of greedy answers, all problems in one left-padded batch."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    found = [ANSWER.search(text) for text in texts]
+    correct = sum(m is not None and m.group(1).strip() == p["answer"] for m, p in zip(found, problems))
+    return correct / len(problems), sum(m is not None for m in found) / len(problems)
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lit_sft.formats import r1_zero_prompt
+
+    torch.set_num_threads(args.threads)
+    folder = Path(tempfile.mkdtemp(prefix="calibrate-"))
+    build_tiny_model(folder, num_hidden_layers=args.layers, hidden_size=args.hidden, seed=args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # Enough batches for the fastest plausible run; only the ones trained on are timed.
+    examples = encode_records(tokenizer, args.max_steps * args.batch_size, seed=args.seed)
+    batches = [collate(examples[i : i + args.batch_size], tokenizer.pad_token_id) for i in range(0, len(examples), args.batch_size)]
+    mean_tokens = sum(len(ids) for ids, _ in examples) / len(examples)
+    problems = make_problems(args.num_problems, seed=args.seed + 1)
+    prompts = [r1_zero_prompt(p["problem"]) for p in problems]
+    rows = []
+    for lr in args.lrs:
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        steps, seconds, loss = train(model, batches, lr, args.budget_s, args.warmup)
+        start = time.perf_counter()
+        acc, fmt = accuracy(model, tokenizer, problems, prompts, args.max_new_tokens)
+        rows.append(
+            Row(
+                lr=lr, layers=args.layers, hidden=args.hidden, params=sum(p.numel() for p in model.parameters()),
+                steps=steps, seconds=round(seconds, 1), steps_per_s=round(steps / seconds, 2),
+                final_loss=round(loss, 4) if math.isfinite(loss) else loss, accuracy=acc, format_ok=fmt,
+                eval_seconds=round(time.perf_counter() - start, 1), mean_tokens=round(mean_tokens, 1),
+            )
+        )
+        print_row(rows[-1], header=len(rows) == 1)
+    return rows
+
+
+def print_row(row: Row, header: bool) -> None:
+    names = list(asdict(row))
+    if header:
+        print("| " + " | ".join(names) + " |")
+        print("|" + "---|" * len(names))
+    print("| " + " | ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in asdict(row).values()) + " |", flush=True)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
+    parser.add_argument("--budget-s", type=float, default=60.0, help="training wall time per learning rate")
+    parser.add_argument("--max-steps", type=int, default=3000, help="step cap (batches prepared)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=10, help="linear warmup steps, then constant")
+    parser.add_argument("--layers", type=int, default=DEFAULT_LAYERS)
+    parser.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN)
+    parser.add_argument("--num-problems", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also append the rows here as JSON lines")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    rows = run(args)
+    if args.json:
+        with args.json.open("a") as out:
+            out.writelines(json.dumps(asdict(row)) + "\n" for row in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
