@@ -76,7 +76,9 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
 
-def train(model, batches: list[dict[str, torch.Tensor]], lr: float, budget_s: float, warmup: int) -> tuple[int, float, float]:
+def train(
+    model, batches: list[dict[str, torch.Tensor]], lr: float, budget_s: float, warmup: int, log_every: int
+) -> tuple[int, float, float]:
     """Train until the batches or the time run out; returns (steps, seconds, final loss)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
@@ -90,6 +92,8 @@ def train(model, batches: list[dict[str, torch.Tensor]], lr: float, budget_s: fl
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if log_every and len(losses) % log_every == 0:
+            print(f"  lr {lr:g} step {len(losses)} {time.perf_counter() - start:.1f}s loss {loss.item():.4f}", flush=True)
         if time.perf_counter() - start >= budget_s:
             break
     seconds = time.perf_counter() - start
@@ -129,7 +133,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     for lr in args.lrs:
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        steps, seconds, loss = train(model, batches, lr, args.budget_s, args.warmup)
+        steps, seconds, loss = train(model, batches, lr, args.budget_s, args.warmup, args.log_every)
         start = time.perf_counter()
         acc, fmt = accuracy(model, tokenizer, problems, prompts, args.max_new_tokens)
         rows.append(
@@ -165,6 +169,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=0, help="print the training loss every N steps")
     parser.add_argument("--json", type=Path, help="also append the rows here as JSON lines")
     return parser.parse_args(argv)
 

@@ -45,6 +45,7 @@ class CheckpointPoster(Callback):
         """Seconds spent inside this callback's hooks, by kind: writing and posting weights,
         polling for results, the bounded wait at the end. What the evaluator costs training."""
         self._pending: dict[int, dict[str, Any]] = {}
+        self._warned: set[str] = set()
         self._posted_steps: set[int] = set()
         self._done = False
 
@@ -121,7 +122,10 @@ class CheckpointPoster(Callback):
             self.results.append(result)
             if result["status"] == "ok":
                 self._log(trainer, result)
-            elif result["status"] == "error":
+            elif result["status"] == "error" and result["error"] not in self._warned:
+                # One warning per distinct cause: an evaluator that cannot start answers every
+                # post with the same error.
+                self._warned.add(result["error"])
                 warnings.warn(
                     f"evaluation of run {self.run_id} at step {result['step']} failed: {result['error']}",
                     EvaluatorWarning,

@@ -64,7 +64,9 @@ class SFTModule(LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model_path = resolve_model_path(model_name_or_path)
-        self.model = load_causal_lm(self.model_path)
+        # fp32 master weights: a 2e-5 step on a bf16 weight of ~0.02 rounds away entirely;
+        # bf16 compute comes from the trainer's bf16-mixed precision.
+        self.model = load_causal_lm(self.model_path, dtype=torch.float32)
         self._set_gradient_checkpointing(gradient_checkpointing)
         self.examples_seen = 0
         """Examples trained on so far, over all ranks: the x axis that compares batch sizes."""
@@ -112,7 +114,7 @@ class SFTModule(LightningModule):
                 self.manual_backward(nll * scale)
             total_nll += nll.detach()
         if self.hparams.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+            self._clip(optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
@@ -122,6 +124,17 @@ class SFTModule(LightningModule):
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, batch_size=1)
         self.log("trainer/examples_seen", float(self.examples_seen), on_step=True, batch_size=1)
         return loss
+
+    def _scaler(self) -> Any:
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def _clip(self, optimizer: Any) -> None:
+        # Lightning's clip_gradients refuses fused optimizers under mixed precision; only fp16's
+        # loss scaler needs its unscale step, so clip directly otherwise (bf16 and fp32).
+        if self._scaler() is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hparams.gradient_clip_val)
 
     @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -144,7 +157,7 @@ class SFTModule(LightningModule):
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
+        fused = self.device.type == "cuda" and self._scaler() is None
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused)
         scheduler = LambdaLR(optimizer, self._lr_lambda(self._total_steps()))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

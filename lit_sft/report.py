@@ -285,10 +285,15 @@ def _plot_hyperparams(plt, rows, summary, path: Path) -> bool:
     grey = [r for r in placed if r not in colored]
     if grey:
         ax.scatter([r["params"][x_name] for r in grey], [r["params"][y_name] for r in grey], marker="s", s=70, color="lightgrey", edgecolors="black", linewidths=0.6, label="failed / no value", zorder=3)
-    for i, r in enumerate(placed):
-        # Alternate labels above and below: neighbouring trials often share a batch size.
-        ax.annotate(f"#{r['number']}", (r["params"][x_name], r["params"][y_name]), xytext=(6, 6 if i % 2 == 0 else -13),
-                    textcoords="offset points", fontsize=8)
+    # Trials sharing a y value (a batch size) sit on one row: alternate their labels above and
+    # below along the row so neighbours do not overprint each other.
+    rank: dict[int, int] = {}
+    for y in {r["params"][y_name] for r in placed}:
+        row = sorted((r for r in placed if r["params"][y_name] == y), key=lambda r: r["params"][x_name])
+        rank.update({r["number"]: i for i, r in enumerate(row)})
+    for r in placed:
+        ax.annotate(f"#{r['number']}", (r["params"][x_name], r["params"][y_name]),
+                    xytext=(6, 6 if rank[r["number"]] % 2 == 0 else -13), textcoords="offset points", fontsize=8)
     best = next((r for r in placed if r["number"] == summary["best_trial"]), None)
     if best is not None:
         ax.scatter([best["params"][x_name]], [best["params"][y_name]], s=300, facecolors="none", edgecolors="red",

@@ -175,7 +175,7 @@ def test_killed_evaluator_training_goes_on_and_it_restarts(client: EvaluatorClie
     stopper = StopWhen(poster, lambda p: any(r["status"] == "ok" for r in p.results))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer, rows = fit(tiny_model_path, tmp_path, poster, killer, stopper, max_steps=5000, every=50)
+        trainer, rows = fit(tiny_model_path, tmp_path, poster, killer, stopper, max_steps=5000, every=200)
     assert killer.killed is not None
     dead_pid, kill_step = killer.killed
     assert trainer.global_step > kill_step

@@ -164,7 +164,8 @@ def test_config_defaults_and_bad_values() -> None:
         ("auto", "cuda:0", 1, "cuda:0"),
         ("auto", "cuda:0", 2, "cuda:1"),
         ("auto", "cuda:1", 2, "cuda:0"),
-        ("auto", "cpu", 1, "cuda:0"),
+        ("auto", "cpu", 1, "cpu"),
+        ("auto", "cuda", 1, "cuda:0"),
         ("cpu", "cuda:0", 2, "cpu"),
         ("cuda", "cpu", 1, "cuda:0"),
         ("cuda:3", "cuda:0", 4, "cuda:3"),
@@ -228,6 +229,7 @@ def test_worker_is_another_process_and_poll_never_blocks(client: EvaluatorClient
     assert client.ready_info["pid"] == client.pid
     assert client.ready_info["load_seconds"] > 0
     assert (client.ready_info["backend"], client.ready_info["device"]) == ("transformers", "cpu")
+    assert client.ready_info["lightning_imported"] is False
 
 
 def test_checkpoints_are_generated_and_graded(client: EvaluatorClient, checkpoints: Checkpoints) -> None:

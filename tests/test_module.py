@@ -104,7 +104,7 @@ def test_no_weight_decay_on_biases_and_norms(tiny_model_path):
     module = SFTModule(model_name_or_path=tiny_model_path, weight_decay=0.05)
 
     class _T:
-        max_steps, estimated_stepping_batches = 10, 10
+        max_steps, estimated_stepping_batches, precision_plugin = 10, 10, None
 
     module._trainer = _T()  # configure_optimizers reads only the step budget
     groups = module.configure_optimizers()["optimizer"].param_groups

@@ -277,7 +277,6 @@ def _argv(tiny_model_path: str, tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.mark.slow
 def test_cli_overrides_take_effect_and_a_rerun_resumes(tiny_model_path, tmp_path):
     assert run_cli(tune_cli.main, _argv(tiny_model_path, tmp_path, "--study.n_trials", "2")) == 0
     storage = f"sqlite:///{(tmp_path / 'results' / 'optuna.db').resolve()}"

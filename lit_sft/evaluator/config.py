@@ -22,7 +22,7 @@ class EvaluatorConfig:
     """`transformers` (generate; runs anywhere), `vllm` (the `gpu` extra), or `auto`: vLLM when
     it is importable and the evaluator runs on CUDA, else transformers."""
     device: str = "auto"
-    """`auto`: cuda:1 where there are two GPUs, else the one GPU, else CPU; or e.g. `cuda:0`."""
+    """`auto`: cuda:1 where there are two GPUs, else the training GPU, else CPU; or e.g. `cuda:0`."""
     num_problems: int = 500
     """The first N of the fixed validation problems are generated and graded each time."""
     max_new_tokens: int = 256
@@ -71,8 +71,8 @@ def _cuda_index(device: str) -> int | None:
 def resolve_device(device: str, train_device: str, *, gpu_count: int | None = None) -> str:
     """The concrete device for the evaluator.
 
-    `auto` keeps generation off the training GPU when there is a second one (the two then never
-    compete for memory or compute), shares the only GPU otherwise, and falls back to CPU.
+    `auto`: cuda:1 when there are two GPUs (generation then never competes with training for
+    memory or compute; cuda:0 if training is on cuda:1), else the training GPU, else CPU.
     `gpu_count` defaults to the visible CUDA devices.
     """
     if not _DEVICE_RE.match(str(device)):
@@ -83,12 +83,12 @@ def resolve_device(device: str, train_device: str, *, gpu_count: int | None = No
         if index is not None and index >= count:
             raise UserError(f"evaluator.device: {device} requested but {count} CUDA device(s) visible")
         return "cuda:0" if device == "cuda" else device
-    if count == 0:
-        return "cpu"
     train_index = _cuda_index(str(train_device))
     if count >= 2:
         return "cuda:1" if train_index != 1 else "cuda:0"
-    return "cuda:0"
+    if count == 1 and train_index is not None:
+        return "cuda:0"
+    return "cpu"
 
 
 def resolve_backend(backend: str, device: str, *, vllm_installed: bool | None = None) -> str:

@@ -11,8 +11,10 @@ per job, in the order the jobs were posted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -202,11 +204,16 @@ def main(spec: WorkerSpec, jobs: Any, results: Any) -> None:
             batch_size=spec.batch_size,
             gpu_memory_utilization=spec.gpu_memory_utilization,
         )
-        import lit_sft.grading  # noqa: F401  (math-verify imports sympy: pay for it before "ready")
+        import lit_sft.grading  # noqa: F401
+
+        with contextlib.suppress(ImportError):
+            # grading imports it at its first non-trivial comparison; sympy takes seconds, so
+            # pay for it before "ready" rather than inside the first evaluation.
+            import math_verify  # noqa: F401
     except BaseException as err:  # noqa: BLE001 - anything that stops start-up goes to the client
         detail = "".join(traceback.format_exception_only(type(err), err)).strip()
         results.send({"kind": "fatal", "error": f"evaluator start-up failed: {detail}"})
-        return
+        _exit(1)
     results.send(
         {
             "kind": "ready",
@@ -214,9 +221,20 @@ def main(spec: WorkerSpec, jobs: Any, results: Any) -> None:
             "load_seconds": time.perf_counter() - start,
             "backend": backend.name,
             "device": backend.device,
+            # Start-up stays fast only while nothing drags in the training stack.
+            "lightning_imported": any(m.split(".")[0] in ("lightning", "pytorch_lightning") for m in sys.modules),
         }
     )
     try:
         serve(backend, spec, jobs, results)
     except (BrokenPipeError, EOFError, ConnectionResetError):
         pass  # the client closed its end: nobody is left to serve
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Exit now. Every message went out through the pipe synchronously; tearing down torch,
+    transformers and sympy at interpreter exit takes seconds that `stop` would spend waiting."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
