@@ -1,11 +1,15 @@
 """Calibrate the embedded task: accuracy after ~1 minute of CPU training, per learning rate.
 
 A plain PyTorch loop, on purpose free of Lightning and of the rest of lit-sft, so the numbers say
-what the task and the model size allow, not what the trainer costs: AdamW, loss on response
-tokens only (prompt labels -100), right padding; then greedy generation (left padding) on held-out
-problems and exact match of the answer between <answer> and </answer> after </think>.
+what the task and the model size allow, not what the trainer costs: AdamW with SFTModule's recipe
+(betas 0.9/0.95, 5% warmup, cosine to 10%, clipping at 1.0), loss on response tokens only (prompt
+labels -100), right padding; then greedy generation (left padding) on held-out problems and exact
+match of the answer between <answer> and </answer> after </think>.
 
-    python bench/calibrate_task.py                          # default lrs, 60 s each
+A cosine schedule needs its length up front, so a short probe first times the training step and
+the budget becomes the number of steps that fit it (--steps sets it outright instead).
+
+    python bench/calibrate_task.py                          # default lrs, ~60 s of training each
     python bench/calibrate_task.py --lrs 1e-3 3e-3 --budget-s 30 --layers 2 --hidden 128
 
 Each learning rate starts from the same initial weights and sees the same batches. One row of the
@@ -15,6 +19,7 @@ table per learning rate; with --json the rows are also written as JSON (one obje
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import re
@@ -76,29 +81,61 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
 
-def train(
-    model, batches: list[dict[str, torch.Tensor]], lr: float, budget_s: float, warmup: int, log_every: int
-) -> tuple[int, float, float]:
-    """Train until the batches or the time run out; returns (steps, seconds, final loss)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+@dataclass(frozen=True)
+class Recipe:
+    """The optimizer recipe; defaults are SFTModule's (configs/tune.yaml)."""
+
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+    """cosine | constant (after the linear warmup)."""
+    min_lr_ratio: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = 1.0
+    weight_decay: float = 0.0
+
+
+def lr_factor(recipe: Recipe, total: int):
+    """Linear warmup, then cosine down to min_lr_ratio: the shape SFTModule uses."""
+    warmup = int(recipe.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if recipe.schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train(model, batches: list[dict[str, torch.Tensor]], lr: float, recipe: Recipe, log_every: int = 0) -> tuple[float, float]:
+    """One optimizer step per batch; returns (seconds, mean loss of the last 20 steps)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe, len(batches)))
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
     for batch in batches:
         loss = model(**batch).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if log_every and len(losses) % log_every == 0:
-            print(f"  lr {lr:g} step {len(losses)} {time.perf_counter() - start:.1f}s loss {loss.item():.4f}", flush=True)
-        if time.perf_counter() - start >= budget_s:
-            break
-    seconds = time.perf_counter() - start
+            print(f"  lr {lr:g} step {len(losses)} {time.perf_counter() - start:.1f}s loss {losses[-1]:.4f}", flush=True)
     tail = losses[-20:]
-    return len(losses), seconds, sum(tail) / len(tail)
+    return time.perf_counter() - start, sum(tail) / len(tail)
+
+
+def steps_per_second(model, batches: list[dict[str, torch.Tensor]], probe: int = 20) -> float:
+    """Training speed measured on a throwaway copy; the first steps (allocation) are not counted."""
+    scratch = copy.deepcopy(model)
+    train(scratch, batches[:5], 0.0, Recipe())
+    seconds, _ = train(scratch, batches[5 : 5 + probe], 0.0, Recipe())
+    return probe / seconds
 
 
 @torch.no_grad()
@@ -129,11 +166,15 @@ def run(args: argparse.Namespace) -> list[Row]:
     mean_tokens = sum(len(ids) for ids, _ in examples) / len(examples)
     problems = make_problems(args.num_problems, seed=args.seed + 1)
     prompts = [r1_zero_prompt(p["problem"]) for p in problems]
+    recipe = Recipe(schedule=args.schedule, weight_decay=args.weight_decay)
+    first = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    steps = args.steps or max(1, int(args.budget_s * steps_per_second(first, batches)))
+    if steps > len(batches):
+        raise SystemExit(f"{steps} steps fit the budget but only {len(batches)} batches are prepared: raise --max-steps")
     rows = []
     for lr in args.lrs:
-        torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        steps, seconds, loss = train(model, batches, lr, args.budget_s, args.warmup, args.log_every)
+        seconds, loss = train(model, batches[:steps], lr, recipe, args.log_every)
         start = time.perf_counter()
         acc, fmt = accuracy(model, tokenizer, problems, prompts, args.max_new_tokens)
         rows.append(
@@ -159,10 +200,13 @@ def print_row(row: Row, header: bool) -> None:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
-    parser.add_argument("--budget-s", type=float, default=60.0, help="training wall time per learning rate")
-    parser.add_argument("--max-steps", type=int, default=3000, help="step cap (batches prepared)")
+    parser.add_argument("--budget-s", type=float, default=60.0,
+                        help="training time per learning rate: the steps that fit it, timed by a probe first")
+    parser.add_argument("--steps", type=int, help="train exactly this many steps instead of --budget-s")
+    parser.add_argument("--max-steps", type=int, default=4000, help="batches prepared (a cap on the steps)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=10, help="linear warmup steps, then constant")
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--layers", type=int, default=DEFAULT_LAYERS)
     parser.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN)
     parser.add_argument("--num-problems", type=int, default=200)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lit_sft.evaluator.client import EvaluatorClient, EvaluatorWarning
@@ -60,7 +61,8 @@ class CheckpointPoster(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        # Only fit's validations: a stand-alone `trainer.validate()` has no fit end to clean up.
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != TrainerFn.FITTING:
             return
         step = trainer.global_step
         if step in self._posted_steps:

@@ -71,6 +71,18 @@ def _start_evaluator(cfg: dict[str, Any], model: SFTModule, data: SFTDataModule,
     return client
 
 
+def _share_cpu_with(evaluator: Any, trainer: Trainer) -> None:
+    """Leave the evaluator its half of the cores when both run on the CPU.
+
+    Oversubscribed cores make both sides crawl (measured: 27 tiny-model steps took 0.2 s with
+    one training thread beside the evaluator, 16.8 s with two).
+    """
+    if evaluator is None or getattr(evaluator, "device", None) != "cpu" or trainer.strategy.root_device.type != "cpu":
+        return
+    cores = os.cpu_count() or 2
+    torch.set_num_threads(max(1, cores - cores // 2))
+
+
 def _result(history: History, model: SFTModule, trainer: Trainer, evaluations: list[dict], seconds: float) -> dict[str, Any]:
     metrics = trainer.callback_metrics
     best = history.best or {}
@@ -133,6 +145,7 @@ def train(
     trainer = Trainer(**_trainer_kwargs(cfg), callbacks=all_callbacks, logger=logger)
     own_evaluator = evaluator is None and cfg["evaluator"]["enabled"]
     poster = None
+    threads = torch.get_num_threads()
     try:
         if own_evaluator:
             data.setup("fit")  # the evaluator needs the validation problems before fit starts
@@ -143,16 +156,20 @@ def train(
             weights_dir = Path(cfg["output_dir"]) / "weights" / (run_name or "run")
             poster = CheckpointPoster(evaluator, run_name or "run", weights_dir, final_wait_s=cfg["evaluator"]["final_wait_s"])
             trainer.callbacks.append(poster)
+        _share_cpu_with(evaluator, trainer)
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
         seconds = time.perf_counter() - start
     finally:
+        torch.set_num_threads(threads)
         _finish_logger(logger)
         if own_evaluator and evaluator is not None:
             evaluator.stop()
     if history.best is None and trainer.global_step > 0:
         log.warning("no evaluation ran: trainer.val_check_interval=%s > steps run=%d", cfg["trainer"]["val_check_interval"], trainer.global_step)
     result = _result(history, model, trainer, list(poster.results) if poster else [], seconds)
+    if poster is not None:
+        result["evaluator_blocked_s"] = poster.blocked_s
     result["data"] = {"examples": data.stats.examples, "truncated": data.stats.truncated, "dropped": data.stats.dropped, "filtered_wrong": data.stats.filtered_wrong}
     if keep_best_weights:
         result["best_state"] = history.best_state

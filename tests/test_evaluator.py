@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,6 +291,15 @@ def test_cancelled_job_is_skipped(client: EvaluatorClient, checkpoints: Checkpoi
     assert dropped not in results
     time.sleep(0.2)
     assert all(r["job"] != dropped for r in client.poll())
+    # A cancel that reaches an idle worker after the job itself (it was being evaluated) is harmless.
+    busy = client.post("run-c", 4, 32, str(checkpoints.trained))
+    time.sleep(0.1)
+    client.cancel([busy])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvaluatorWarning)  # a dead worker would warn
+        time.sleep(1.0)
+        after = client.post("run-c", 5, 40, str(checkpoints.trained))
+        assert wait_for(client, [after])[after]["status"] == "ok"
 
 
 def test_killed_worker_is_reported_once_recorded_missing_and_restarted(

@@ -172,6 +172,8 @@ def serve(backend: Any, spec: WorkerSpec, jobs: Any, results: Any) -> None:
         # Read everything queued before starting a job, so a cancel posted after it still counts.
         if not _take_messages(jobs, pending, cancelled, block=not pending):
             return
+        if not pending:
+            continue  # only a cancel came in
         job = pending.popleft()
         if job["job"] in cancelled:
             cancelled.discard(job["job"])
