@@ -17,6 +17,7 @@ stop takes effect at the next step boundary, as Lightning's EarlyStopping does.
 from __future__ import annotations
 
 import math
+
 import optuna
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn

@@ -11,8 +11,9 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import optuna
 import yaml
@@ -33,12 +34,17 @@ def trial_dir(results_dir: str | Path, study_name: str, number: int) -> Path:
     return Path(results_dir) / "trials" / study_name / f"trial-{number:04d}"
 
 
-def write_json(path: Path, data: Any) -> None:
+def _write_atomic(path: Path, text: str) -> Path:
     """Write-then-rename: a reader (the report of another worker) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, default=_jsonable))
+    tmp.write_text(text)
     os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return _write_atomic(path, json.dumps(data, default=_jsonable))
 
 
 def _jsonable(value: Any) -> Any:
@@ -168,12 +174,7 @@ def format_value(value: Any) -> str:
 
 
 def write_results(summary: dict[str, Any], results_dir: str | Path) -> Path:
-    path = Path(results_dir) / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(summary, sort_keys=False, default_flow_style=None, width=120))
-    os.replace(tmp, path)
-    return path
+    return _write_atomic(Path(results_dir) / RESULTS_FILE, yaml.safe_dump(summary, sort_keys=False, default_flow_style=None, width=120))
 
 
 # ---- plots ----------------------------------------------------------------------------------
@@ -221,6 +222,8 @@ def _draw_curves(plt, ax, rows, histories, key: str, source: str, markers: bool 
 
 
 def _plot_losses(plt, rows, histories, metric: str, path: Path) -> bool:
+    from matplotlib.ticker import FuncFormatter
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
     drawn = _draw_curves(plt, left, rows, histories, "train/loss", "history", markers=False)
     drawn += _draw_curves(plt, right, rows, histories, metric, "history")
@@ -234,6 +237,9 @@ def _plot_losses(plt, rows, histories, metric: str, path: Path) -> bool:
         ys = [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y) and y > 0]
         if ys and max(ys) / min(ys) > 10:
             ax.set_yscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.4, not 4x10^-1
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
     left.set_ylabel("loss")
     handles, labels = (right if right.get_lines() else left).get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(0.83, 0.5), frameon=False)
@@ -349,15 +355,16 @@ def _plot_categories(plt, rows, path: Path) -> bool:
 def _plot_optuna(plt, study: optuna.Study, metric: str, plots_dir: Path, done: dict[str, str], skipped: dict[str, str]) -> None:
     from optuna.visualization import matplotlib as ovm
 
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    with_steps = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
+    trials = study.get_trials(deepcopy=False)
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
     jobs = [
-        ("optimization_history.png", ovm.plot_optimization_history, complete, "no complete trial"),
-        ("intermediate_values.png", ovm.plot_intermediate_values, with_steps, "no trial reported a value"),
-        ("param_importances.png", ovm.plot_param_importances, complete[1:], "importances need at least 2 complete trials"),
+        ("optimization_history.png", ovm.plot_optimization_history, complete >= 1, "no complete trial"),
+        ("intermediate_values.png", ovm.plot_intermediate_values, any(t.intermediate_values for t in trials), "no trial reported a value"),
+        ("param_importances.png", ovm.plot_param_importances, complete >= 2, "importances need at least 2 complete trials"),
     ]
-    for name, plot, needed, why in jobs:
-        if not needed:
+    for name, plot, ready, why in jobs:
+        (plots_dir / name).unlink(missing_ok=True)  # a stale plot from an earlier run would mislead
+        if not ready:
             skipped[name] = why
             continue
         try:

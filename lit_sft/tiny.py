@@ -128,7 +128,7 @@ def tiny_config(tokenizer: Any, *, num_hidden_layers: int, hidden_size: int, **o
         num_attention_heads=heads,
         num_key_value_heads=heads,
         max_position_embeddings=tokenizer.model_max_length,
-        # Tied: with hidden 128 an untied output layer would be a fifth of the parameters.
+        # Tied as in Qwen2.5-Math-1.5B, so the tiny model exercises the same save/load path.
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -201,6 +201,9 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 def tiny_model_path(cache_dir: str | Path | None = None) -> str:
     """The folder of the default-sized tiny model, built on first use and reused after.
+
+    The folder is ``<cache root>/<cache_name()>``, e.g. ``~/.cache/lit-sft/tiny-qwen2-v2-b58bd585``
+    (`cache_root` says where the root is).
 
     The model is built in a temporary folder beside the cache entry and renamed into place, so a
     process never sees a half-written folder; when two processes build at once, the first rename

@@ -9,13 +9,11 @@ sampler seed moves on with the number of trials so a restart proposes new points
 from __future__ import annotations
 
 import gc
-import logging
 import math
 import shutil
 import time
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -29,8 +27,6 @@ from lit_sft.report import format_value
 from lit_sft.search_space import SearchSpace, load_search_space
 from lit_sft.study_config import StudyConfig
 from lit_sft.training import save_pretrained, train
-
-log = logging.getLogger(__name__)
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
 """Trials that use up `n_trials`: finished ones and those other workers are running now."""
@@ -363,7 +359,15 @@ def tune(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = complete(cfg, tune=True)
     study_cfg = StudyConfig.from_dict(cfg["study"])
     space = load_search_space(study_cfg.search_space_path(), cfg)
+    verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress lines replace its per-trial logs
+    try:
+        return _run(cfg, study_cfg, space)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _run(cfg: dict[str, Any], study_cfg: StudyConfig, space: SearchSpace) -> dict[str, Any]:
     study = open_study(study_cfg, cfg, space)
     counted = len(study.get_trials(deepcopy=False, states=COUNTED))
     remaining = study_cfg.n_trials - counted
