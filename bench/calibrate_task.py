@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_sft.synthetic import make_problems, make_sft_records  # noqa: E402
-from lit_sft.tiny import DEFAULT_HIDDEN, DEFAULT_LAYERS, build_tiny_model  # noqa: E402
+from lit_sft.synthetic import make_problems, make_sft_records
+from lit_sft.tiny import DEFAULT_HIDDEN, DEFAULT_LAYERS, build_tiny_model
 
 IGNORE = -100
 ANSWER = re.compile(r"</think>.*?<answer>(.*?)</answer>", re.DOTALL)

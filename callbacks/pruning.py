@@ -29,10 +29,12 @@ class OptunaPruning(Callback):
     """Reports `monitor` to `trial` after each evaluation and stops the fit when ASHA prunes it.
 
     The step is `pl_module.examples_seen` (global over ranks). Only global rank 0 talks to the
-    storage; its decision is broadcast so every rank stops together.
+    storage; its decision is broadcast so every rank stops together. The other ranks of a
+    multi-process trial run in processes of their own with `trial=None`: they never touch the
+    study, they only take part in the broadcast.
     """
 
-    def __init__(self, trial: optuna.trial.Trial, monitor: str = "eval/loss") -> None:
+    def __init__(self, trial: optuna.trial.Trial | None, monitor: str = "eval/loss") -> None:
         self.trial = trial
         self.monitor = monitor
         self.reports: list[tuple[int, float]] = []
@@ -59,7 +61,7 @@ class OptunaPruning(Callback):
         step = int(pl_module.examples_seen)
         value = float(value)
         prune = False
-        if trainer.is_global_zero and not any(s == step for s, _ in self.reports):
+        if trainer.is_global_zero and self.trial is not None and not any(s == step for s, _ in self.reports):
             # A second evaluation at the same examples seen (e.g. one at the end of fit) would
             # make Optuna warn and drop it; it carries no new information anyway.
             self.trial.report(value, step)
@@ -69,7 +71,8 @@ class OptunaPruning(Callback):
             self.pruned_at = step
             trainer.should_stop = True
             shown = f"{value:.4f}" if math.isfinite(value) else str(value)
-            rank_zero_info(f"trial {self.trial.number} pruned at {step} examples seen ({self.monitor}={shown})")
+            name = f"trial {self.trial.number}" if self.trial is not None else "trial"
+            rank_zero_info(f"{name} pruned at {step} examples seen ({self.monitor}={shown})")
 
     def check_pruned(self) -> None:
         """Raise optuna.TrialPruned if the pruner stopped this trial (call after `fit`)."""

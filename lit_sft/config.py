@@ -9,6 +9,7 @@ tuner calls once per trial with callbacks of its own.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,36 @@ class WandbConfig:
     tags: list[str] | None = None
 
 
+@dataclass
+class BudgetConfig:
+    """A run's length in examples instead of steps, so batch sizes compare at equal data.
+
+    With a fixed `trainer.max_steps`, a batch-64 run sees 8x the data of a batch-8 one, while the
+    pruner compares trials at equal examples seen: the large-batch trials are judged on few steps
+    and the small-batch ones never get the data they need. Set here, these override
+    `trainer.max_steps` and `trainer.val_check_interval` per run from `data.batch_size`.
+    """
+
+    examples: int | None = None
+    """Training examples per run: trainer.max_steps = ceil(examples / data.batch_size)."""
+    eval_every_examples: int | None = None
+    """Evaluate every this many examples: trainer.val_check_interval = max(1, this // data.batch_size)."""
+
+
+def apply_budget(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` with trainer.max_steps / val_check_interval derived from the example budget, if set."""
+    budget = cfg.get("budget") or {}
+    if not budget.get("examples") and not budget.get("eval_every_examples"):
+        return cfg
+    out = copy.deepcopy(cfg)
+    batch = int(out["data"]["batch_size"])
+    if budget.get("examples"):
+        out["trainer"]["max_steps"] = max(1, math.ceil(budget["examples"] / batch))
+    if budget.get("eval_every_examples"):
+        out["trainer"]["val_check_interval"] = max(1, int(budget["eval_every_examples"]) // batch)
+    return out
+
+
 def build_parser(tune: bool = False):
     from lightning.pytorch import Trainer
     from lightning.pytorch.cli import LightningArgumentParser
@@ -74,6 +105,7 @@ def build_parser(tune: bool = False):
     parser.add_class_arguments(SFTModule, "model", fail_untyped=False)
     parser.add_class_arguments(SFTDataModule, "data", fail_untyped=False)
     parser.add_class_arguments(Trainer, "trainer", skip=TRAINER_SKIP, fail_untyped=False)
+    parser.add_dataclass_arguments(BudgetConfig, "budget")
     parser.add_dataclass_arguments(EarlyStoppingConfig, "early_stopping")
     parser.add_dataclass_arguments(EvaluatorConfig, "evaluator")
     parser.add_dataclass_arguments(WandbConfig, "wandb")
@@ -139,7 +171,10 @@ def complete(cfg: dict[str, Any], tune: bool = False) -> dict[str, Any]:
 def check(cfg: dict[str, Any]) -> None:
     """Cross-section problems a per-field type check cannot see; all collected, raised once."""
     problems = []
-    trainer, data = cfg["trainer"], cfg["data"]
+    trainer, data, budget = cfg["trainer"], cfg["data"], cfg.get("budget") or {}
+    for key in ("examples", "eval_every_examples"):
+        if budget.get(key) is not None and budget[key] <= 0:
+            problems.append(f"budget.{key} must be > 0, got {budget[key]}")
     if trainer.get("accumulate_grad_batches", 1) not in (1, None):
         problems.append("trainer.accumulate_grad_batches: use data.micro_batch_size (accumulation is exact and built in)")
     if trainer.get("gradient_clip_val") is not None:

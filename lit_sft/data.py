@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 from typing_extensions import override
 
 from lit_sft.errors import UserError
@@ -17,6 +18,9 @@ from lit_sft.packing import pack_collate, pad_collate
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+_SPLIT_KEYS = ("train_path", "schema", "max_length", "truncation", "eval_size", "eval_max_fraction", "num_generated", "filter_correct", "seed")
+_SPLITS: dict[tuple, tuple] = {}
+"""The last tokenized (train, eval, stats) split of this process, keyed by what decides it."""
 
 
 @dataclass
@@ -190,6 +194,17 @@ class SFTDataModule(LightningDataModule):
             return
         hp = self.hparams
         self.tokenizer = self._load_tokenizer()
+        stamp = os.stat(hp.train_path).st_mtime_ns if hp.train_path and os.path.exists(hp.train_path) else None
+        key = tuple(hp.get(k) for k in _SPLIT_KEYS) + (self.tokenizer.name_or_path, stamp)
+        if key not in _SPLITS:  # trials of a study share the tokenized split: build it once
+            _SPLITS.clear()
+            _SPLITS[key] = self._build_split()
+        self.train_set, self.eval_set, self.stats = _SPLITS[key]
+        if self.per_device_batch_size > len(self.train_set):
+            raise UserError(f"data.batch_size={hp.batch_size} is larger than the {len(self.train_set)} training records")
+
+    def _build_split(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], TokenStats]:
+        hp = self.hparams
         examples = self._examples()
         if hp.filter_correct:
             examples = self._filter_correct(examples)
@@ -200,15 +215,21 @@ class SFTDataModule(LightningDataModule):
                 self.stats.truncated + self.stats.dropped, len(examples), hp.max_length,
                 "truncated" if hp.truncation == "truncate" else "dropped",
             )
+        if not hp.train_path:
+            # Generated data has a validation split of its own: eval/loss on unseen questions.
+            from lit_sft.synthetic import make_sft_records
+
+            held_out = [Example(r["prompt"], r["response"], r["ground_truth"]) for r in make_sft_records(hp.eval_size, hp.seed, split="validation")]
+            eval_stats, self.stats = self.stats, TokenStats()
+            eval_set = self._tokenize(held_out)
+            self.stats = eval_stats
+            return records, eval_set, self.stats
         order = list(range(len(records)))
         random.Random(hp.seed).shuffle(order)
         n_eval = min(hp.eval_size, int(len(records) * hp.eval_max_fraction))
         if n_eval < 1 or len(records) - n_eval < 1:
-            raise UserError(f"{hp.train_path or 'generated data'}: only {len(records)} usable records, too few to train and hold out an eval set")
-        self.eval_set = [records[i] for i in order[:n_eval]]
-        self.train_set = [records[i] for i in order[n_eval:]]
-        if self.per_device_batch_size > len(self.train_set):
-            raise UserError(f"data.batch_size={hp.batch_size} is larger than the {len(self.train_set)} training records")
+            raise UserError(f"{hp.train_path}: only {len(records)} usable records, too few to train and hold out an eval set")
+        return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]], self.stats
 
     @property
     def world_size(self) -> int:
@@ -242,9 +263,11 @@ class SFTDataModule(LightningDataModule):
         import torch
 
         generator = torch.Generator().manual_seed(self.hparams.seed)
-        sampler = BatchSampler(RandomSampler(self.train_set, generator=generator), self.per_device_batch_size, drop_last=True)
+        # batch_size + sampler, not a BatchSampler: under DDP Lightning swaps the sampler for a
+        # DistributedSampler and keeps batch_size; a plain BatchSampler it drops (batch size 1).
         return DataLoader(
-            self.train_set, batch_sampler=sampler, collate_fn=self.collate_step,
+            self.train_set, batch_size=self.per_device_batch_size, sampler=RandomSampler(self.train_set, generator=generator),
+            drop_last=True, collate_fn=self.collate_step,
             num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
         )
 

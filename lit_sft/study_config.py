@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lit_sft.errors import UserError
+from lit_sft.storage import url_problem
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,15 +50,20 @@ class StudyConfig:
     """One Optuna study: TPE proposes, ASHA prunes, every trial is one `train(cfg)`."""
 
     n_trials: int = 20
-    """Trials in the study in total, over restarts and parallel workers (not per process)."""
+    """Trials in the study in total, over restarts and parallel workers (not per process): every
+    complete, pruned, failed or running trial counts, except a failure that was retried (its
+    retry counts instead). Rerun with a larger n_trials to extend a finished study."""
     name: str = "lit-sft"
     """Study name in the storage; also the W&B group and the key of per-trial files."""
     storage: str | None = None
-    """Optuna storage URL (sqlite:///..., postgresql://...); null = sqlite file results_dir/optuna.db."""
+    """Optuna storage URL: sqlite:///file.db (workers on one machine), postgresql://user@host/db
+    (workers on several machines; pip install -e '.[postgres]'), or journal:///file.log.
+    null = sqlite file results_dir/optuna.db. Its password is masked in everything written."""
     results_dir: str = "results/optuna"
     """study_results.yaml, plots/, best_model/ and per-trial files (trials/<study>/trial-NNNN/)."""
     seed: int = 0
-    """Sampler seed (offset by the number of existing trials on resume, so proposals are new)."""
+    """Sampler seed. The sampler is reseeded with seed + trial number before each trial, so a
+    resumed study proposes new points and workers started together propose different ones."""
     direction: Literal["minimize", "maximize"] = "minimize"
     metric: str = "eval/loss"
     """Objective: a metric logged at each evaluation; a trial's value is its best, not its last.
@@ -67,8 +73,13 @@ class StudyConfig:
     timeout_s: float | None = None
     """Stop starting new trials after this many seconds (this process); null = no limit."""
     heartbeat_interval_s: int | None = 60
-    """RDB storages only: a running trial's heartbeat; a trial silent for 3 intervals (its process
-    died) is marked FAIL when a worker next starts a trial. null disables."""
+    """RDB storages (sqlite, postgresql): a running trial's heartbeat; a trial silent for 3
+    intervals (its worker died, on any machine) is marked FAIL and retried when a worker next
+    starts a trial. Workers of this machine that died are noticed at once, heartbeat or not.
+    null disables the heartbeat."""
+    max_retries: int = 2
+    """A trial whose worker died or was interrupted is queued again with the same parameters, up
+    to this many times; only its last run counts towards n_trials. 0 = never retry."""
     save_best_model: bool = True
     """Keep the best trial's best weights (save_pretrained + tokenizer) in results_dir/best_model."""
     plots: bool = True
@@ -114,6 +125,12 @@ class StudyConfig:
             problems.append(f"study.timeout_s must be > 0 or null, got {self.timeout_s}")
         if self.heartbeat_interval_s is not None and self.heartbeat_interval_s < 1:
             problems.append(f"study.heartbeat_interval_s must be >= 1 or null, got {self.heartbeat_interval_s}")
+        if not isinstance(self.max_retries, int) or self.max_retries < 0:
+            problems.append(f"study.max_retries must be >= 0, got {self.max_retries!r}")
+        if self.storage is not None:
+            problem = url_problem(self.storage)
+            if problem:
+                problems.append(problem)
         if self.sampler.n_startup_trials < 0:
             problems.append(f"study.sampler.n_startup_trials must be >= 0, got {self.sampler.n_startup_trials}")
         if self.pruner.min_resource is not None and self.pruner.min_resource < 1:

@@ -81,8 +81,19 @@ def _corpus(recipe: TokenizerRecipe, added: tuple[str, ...]) -> list[str]:
 
 def build_tokenizer(recipe: TokenizerRecipe = TokenizerRecipe()) -> Any:
     """A byte-level BPE tokenizer trained on the generated task, as a transformers Qwen2Tokenizer."""
-    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
+    from transformers.models.qwen2.tokenization_qwen2 import (
+        PRETOKENIZE_REGEX,
+        Qwen2Tokenizer,
+    )
 
     # The same normalizer and pre-tokenizer Qwen2Tokenizer installs when it loads the folder.
     trainee = Tokenizer(models.BPE())
@@ -120,20 +131,20 @@ def tiny_config(tokenizer: Any, *, num_hidden_layers: int, hidden_size: int, **o
     from transformers import Qwen2Config
 
     heads = max(1, hidden_size // 32)
-    settings: dict[str, Any] = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=tokenizer.model_max_length,
+    settings: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": 4 * hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": tokenizer.model_max_length,
         # Tied as in Qwen2.5-Math-1.5B, so the tiny model exercises the same save/load path.
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
+        "tie_word_embeddings": True,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+    }
     settings.update(overrides)
     return Qwen2Config(**settings)
 

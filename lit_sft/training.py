@@ -14,7 +14,8 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 
 from callbacks.history import History
-from lit_sft.config import complete
+from lit_sft.config import apply_budget, complete
+from lit_sft.available import has_module
 from lit_sft.data import SFTDataModule
 from lit_sft.module import SFTModule
 
@@ -56,6 +57,10 @@ def _trainer_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _callbacks(cfg: dict[str, Any], history: History) -> list[Callback]:
     out: list[Callback] = [history]
+    if cfg["trainer"].get("enable_progress_bar", True) is not False and has_module("rich"):
+        from callbacks.progress import StepProgressBar
+
+        out.append(StepProgressBar(leave=False))
     stop = cfg["early_stopping"]
     if stop["enabled"]:
         out.append(EarlyStopping(monitor=stop["monitor"], mode=stop["mode"], patience=stop["patience"], min_delta=stop["min_delta"]))
@@ -131,7 +136,7 @@ def train(
     `evaluator`: a started EvaluatorClient to reuse (the tuner's, one per study); when None and
     `cfg["evaluator"]["enabled"]`, one is started for this run and stopped at its end.
     """
-    cfg = complete(cfg, tune="study" in cfg)
+    cfg = apply_budget(complete(cfg, tune="study" in cfg))
     pl.seed_everything(cfg["seed_everything"], workers=True, verbose=False)
     model = SFTModule(**cfg["model"])
     data_kwargs = dict(cfg["data"])

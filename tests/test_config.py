@@ -53,3 +53,15 @@ def test_partial_config_is_completed_and_unknown_keys_rejected():
     assert cfg["model"]["learning_rate"] == 0.5 and cfg["early_stopping"]["patience"] == 3
     with pytest.raises(UserError, match="model.lerning_rate"):
         complete({"model": {"lerning_rate": 0.5}})
+
+
+def test_example_budget_sets_steps_and_eval_cadence_per_batch_size():
+    from lit_sft.config import apply_budget
+
+    base = complete({"budget": {"examples": 20000, "eval_every_examples": 2000}})
+    for batch, steps, every in ((8, 2500, 250), (64, 313, 31)):
+        cfg = apply_budget({**base, "data": {**base["data"], "batch_size": batch}})
+        assert (cfg["trainer"]["max_steps"], cfg["trainer"]["val_check_interval"]) == (steps, every)
+    assert apply_budget(complete({}))["trainer"]["max_steps"] == complete({})["trainer"]["max_steps"]
+    with pytest.raises(UserError, match="budget.examples"):
+        parse(["--budget.examples", "0"])

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from lit_sft.formats import r1_zero_prompt
-from lit_sft.synthetic import VALIDATION_MODULUS, exercises, make_problems, make_sft_records, split_of
+from lit_sft.synthetic import (
+    VALIDATION_MODULUS,
+    exercises,
+    make_problems,
+    make_sft_records,
+    split_of,
+)
 
 QUESTION = re.compile(r"What is (\d) ([+-]) (\d) ([+-]) (\d)\?")
 RESPONSE = re.compile(r" (-?\d+) ([+-]) (\d) = (-?\d+), (-?\d+) ([+-]) (\d) = (-?\d+) </think> <answer>(-?\d+)</answer>")

@@ -1,0 +1,446 @@
+"""Sample efficiency of the search: TPE + ASHA (our defaults) against random search without pruning.
+
+On the embedded task (tiny Qwen2 model, generated arithmetic, CPU), for each of a few seeds, two
+studies with the same number of trials and the same seeds:
+
+- tpe_asha: the study as configs/tune.yaml runs it (TPE with its 5 random start-up trials,
+  ASHA = SuccessiveHalvingPruner on examples seen);
+- random:   every point drawn by optuna.samplers.RandomSampler, no pruning.
+
+Each study is one `python tune.py` (lit_sft.tuning.tune(cfg)) in a process of its own, with its
+own temporary results folder and SQLite storage, W&B and plots off; the numbers are read back
+from the storage afterwards.
+
+How random search is obtained: the tuner always builds its (trial-seeded) TPESampler, and a TPE
+sampler draws its first `n_startup_trials` points from its internal
+optuna.samplers.RandomSampler. With `study.sampler.n_startup_trials = n_trials` every point of
+the study is such a random draw (reseeded with seed + trial number, as TPE is), and
+`study.pruner.enabled = false` turns ASHA off. A side effect, wanted here: both studies of one
+seed start from the same five random points, so the comparison is paired.
+
+Seeds: repetition i uses seed = first_seed + 1000 i for both `seed_everything` (data order) and
+`study.seed` (the sampler). The sampler is reseeded with seed + trial number, so consecutive
+seeds (0, 1) would share all but one of their points; 1000 apart they share none.
+
+The measure, per seed: target = random search's best eval/loss (its best trial's value) x 1.01.
+Walking each study's trials in trial order (one worker: the order they ran), add up the examples
+each trial trained, up to the first evaluation whose eval/loss <= target: the compute the search
+spent before it had a model as good as random search's best, within 1%. A trial's examples are
+read from its intermediate values in the storage (reported at step = examples seen, at every
+evaluation): the last report for trials that ran on (complete, pruned or failed), the report
+that crossed the target for the trial that reached it. Early stopping is on in both studies
+(the training default); it ends trials at an evaluation, so nothing trained is uncounted.
+
+Accuracy: each trial stores the evaluator's eval/accuracy at its best eval/loss step
+(user attr `accuracy`); "best acc" is the highest of a study's trials, "acc@best" that of the
+trial with the best eval/loss (the one the study would hand over).
+
+    python bench/search_efficiency.py [--seeds 3] [--n-trials 8] [--max-steps 150] [--quick]
+
+The last line is `examples_ratio: X`: the sum over seeds of TPE+ASHA's examples to the target
+over the sum of random search's (ratio of sums; the geometric mean of per-seed ratios is printed
+above it). Goal: <= 1/3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+TUNE = ROOT / "tune.py"
+CONFIG = ROOT / "configs" / "tune.yaml"
+METHODS = ("tpe_asha", "random")
+SEED_STRIDE = 1000
+"""Seeds of consecutive repetitions are this far apart: the sampler is reseeded with seed + trial
+number, so it must exceed any study's trial count."""
+
+
+# ---- pure helpers ----------------------------------------------------------------------------
+
+
+@dataclass
+class TrialRecord:
+    """One trial as read back from the storage."""
+
+    number: int
+    state: str  # COMPLETE | PRUNED | FAIL | RUNNING | WAITING
+    params: dict[str, Any] = field(default_factory=dict)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    """(examples seen, eval/loss) at each evaluation, in order (Optuna's intermediate values)."""
+    value: float | None = None
+    accuracy: float | None = None
+    examples_attr: int | None = None
+    """Examples the trial trained in all (user attr `examples_seen`), for a cross-check."""
+
+    @property
+    def examples(self) -> int:
+        """Examples trained, counted at the trial's last evaluation."""
+        return self.curve[-1][0] if self.curve else 0
+
+    @property
+    def best_loss(self) -> float | None:
+        finite = [v for _, v in self.curve if math.isfinite(v)]
+        return min(finite) if finite else None
+
+
+def curve_from_intermediate(values: dict[int, float]) -> list[tuple[int, float]]:
+    """Optuna's {step: value} (step = examples seen) as a list sorted by examples."""
+    return sorted((int(step), float(value)) for step, value in values.items())
+
+
+def target_loss(best: float, tolerance: float = 0.01) -> float:
+    """The loss that counts as within `tolerance` of `best` (a positive loss, minimized)."""
+    return best * (1.0 + tolerance)
+
+
+def examples_to_reach(trials: Sequence[TrialRecord], target: float) -> tuple[int | None, int | None, int]:
+    """Cumulative examples over trials in number order until an evaluation first gets <= target.
+
+    Returns (examples or None if never reached, number of the trial that reached it or None,
+    total examples of all trials).
+    """
+    spent = 0
+    reached: tuple[int, int] | None = None
+    for trial in sorted(trials, key=lambda t: t.number):
+        if reached is None:
+            hit = next((ex for ex, loss in trial.curve if math.isfinite(loss) and loss <= target), None)
+            if hit is not None:
+                reached = (spent + hit, trial.number)
+        spent += trial.examples
+    if reached is None:
+        return None, None, spent
+    return reached[0], reached[1], spent
+
+
+def best_value(trials: Sequence[TrialRecord]) -> float | None:
+    """The study's best: its best complete trial's value, else the lowest eval/loss any trial logged."""
+    values = [t.value for t in trials if t.state == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
+    if values:
+        return min(values)
+    losses = [t.best_loss for t in trials if t.best_loss is not None]
+    return min(losses) if losses else None
+
+
+def best_trial(trials: Sequence[TrialRecord]) -> TrialRecord | None:
+    complete = [t for t in trials if t.state == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
+    return min(complete, key=lambda t: t.value) if complete else None
+
+
+def ratio_of_sums(num: Iterable[float], den: Iterable[float]) -> float | None:
+    num, den = list(num), list(den)
+    return sum(num) / sum(den) if den and sum(den) > 0 else None
+
+
+def geometric_mean(values: Iterable[float]) -> float | None:
+    values = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_cell(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+# ---- running the studies ---------------------------------------------------------------------
+
+
+@dataclass
+class StudyRun:
+    method: str
+    seed: int
+    name: str
+    results_dir: Path
+    log: Path
+    returncode: int | None = None
+    wall_s: float = 0.0
+    trials: list[TrialRecord] = field(default_factory=list)
+
+
+def study_overrides(method: str, seed: int, args: argparse.Namespace, results_dir: Path, name: str) -> list[str]:
+    """tune.py arguments of one study: configs/tune.yaml with the bench's budget and seeds."""
+    out = [
+        "--config", str(CONFIG),
+        "--seed_everything", str(seed),
+        "--study.seed", str(seed),
+        "--study.name", name,
+        "--study.results_dir", str(results_dir),
+        "--study.n_trials", str(args.n_trials),
+        "--study.plots", "false",
+        "--study.save_best_model", "false",  # a copy of the best weights costs time and says nothing here
+        "--wandb.enabled", "false",
+        "--trainer.max_steps", str(args.max_steps),
+        "--trainer.val_check_interval", str(args.val_check_interval),
+        "--trainer.enable_progress_bar", "false",
+        "--evaluator.enabled", "true" if args.evaluator else "false",
+    ]
+    if args.num_problems is not None:
+        out += ["--data.num_validation_problems", str(args.num_problems)]
+    if method == "random":
+        out += ["--study.sampler.n_startup_trials", str(args.n_trials), "--study.pruner.enabled", "false"]
+    elif method != "tpe_asha":
+        raise ValueError(method)
+    return out
+
+
+def run_study(run: StudyRun, overrides: list[str]) -> None:
+    env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    with open(run.log, "w") as log:
+        log.write(" ".join([sys.executable, str(TUNE), *overrides]) + "\n")
+        log.flush()
+        proc = subprocess.run([sys.executable, str(TUNE), *overrides], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    run.wall_s = time.perf_counter() - start
+    run.returncode = proc.returncode
+
+
+def read_trials(results_dir: Path, name: str) -> list[TrialRecord]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    db = results_dir / "optuna.db"
+    if not db.exists():
+        return []
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db.resolve()}")
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        out.append(TrialRecord(
+            number=t.number, state=t.state.name, params=dict(t.params),
+            curve=curve_from_intermediate(t.intermediate_values),
+            value=t.value if t.value is not None else None,
+            accuracy=attrs.get("accuracy"), examples_attr=attrs.get("examples_seen"),
+        ))
+    return sorted(out, key=lambda r: r.number)
+
+
+# ---- the report ------------------------------------------------------------------------------
+
+
+def _params(p: dict[str, Any]) -> str:
+    parts = []
+    for k, v in p.items():
+        short = {"learning_rate": "lr", "batch_size": "bs", "weight_decay": "wd"}.get(k, k)
+        parts.append(f"{short}={v:.3g}" if isinstance(v, float) else f"{short}={v}")
+    return " ".join(parts)
+
+
+def trial_table(run: StudyRun, target: float | None) -> str:
+    rows = []
+    cumulative = 0
+    for t in run.trials:
+        cumulative += t.examples
+        hit = target is not None and any(math.isfinite(v) and v <= target for _, v in t.curve)
+        rows.append([t.number, t.state.lower(), _params(t.params), t.examples, cumulative, t.best_loss, t.accuracy, "yes" if hit else ""])
+    return format_table(["trial", "state", "params", "examples", "cumulative", "best eval/loss", "acc", "<=target"], rows)
+
+
+def summarize_seed(runs: dict[str, StudyRun], tolerance: float) -> dict[str, Any]:
+    random_best = best_value(runs["random"].trials)
+    target = target_loss(random_best, tolerance) if random_best is not None else None
+    out: dict[str, Any] = {"random_best": random_best, "target": target, "methods": {}}
+    for method, run in runs.items():
+        reach, trial, total = examples_to_reach(run.trials, target) if target is not None else (None, None, sum(t.examples for t in run.trials))
+        best = best_trial(run.trials)
+        accs = [t.accuracy for t in run.trials if t.accuracy is not None]
+        states = [t.state for t in run.trials]
+        out["methods"][method] = {
+            "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
+            "examples_total": total, "examples_to_target": reach, "reached_in_trial": trial,
+            "best_loss": best_value(run.trials), "best_accuracy": max(accs) if accs else None,
+            "accuracy_of_best": best.accuracy if best else None, "wall_s": round(run.wall_s, 1), "returncode": run.returncode,
+        }
+    return out
+
+
+def seed_table(summary: dict[str, Any]) -> str:
+    rows = []
+    for method, m in summary["methods"].items():
+        rows.append([
+            method, f"{m['complete']}/{m['pruned']}/{m['failed']}", m["examples_total"],
+            m["examples_to_target"] if m["examples_to_target"] is not None else f">{m['examples_total']} (not reached)",
+            m["reached_in_trial"], m["best_loss"], m["best_accuracy"], m["accuracy_of_best"], m["wall_s"],
+        ])
+    return format_table(
+        ["method", "compl/pruned/fail", "examples spent", "examples to target", "in trial", "best eval/loss", "best acc", "acc@best", "wall s"], rows,
+    )
+
+
+def to_target(m: dict[str, Any]) -> tuple[float, bool]:
+    """Examples to the target, and whether that is a lower bound (never reached: all it spent)."""
+    if m["examples_to_target"] is None:
+        return float(m["examples_total"]), True
+    return float(m["examples_to_target"]), False
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=None, help="repetitions (default 3; --quick: 1)")
+    parser.add_argument("--first-seed", type=int, default=0, help=f"seed of the first repetition; then +{SEED_STRIDE} each")
+    parser.add_argument("--n-trials", type=int, default=None, help="trials per study, the same for both methods (default 8; --quick: 3)")
+    parser.add_argument("--max-steps", type=int, default=None, help="trainer.max_steps per trial (default 150; --quick: 20)")
+    parser.add_argument("--val-check-interval", type=int, default=None,
+                        help="trainer.val_check_interval (default: max_steps / 10, as configs/tune.yaml's 500 / 50; "
+                             "ASHA's first rung follows it: interval x largest batch)")
+    parser.add_argument("--num-problems", type=int, default=None, help="data.num_validation_problems (default: the config's 200; --quick: 20)")
+    parser.add_argument("--no-evaluator", dest="evaluator", action="store_false", help="no accuracy (faster)")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="within this fraction of random search's best loss")
+    parser.add_argument("--quick", action="store_true", help="a tiny budget: a smoke check of the whole pipeline")
+    parser.add_argument("--workdir", default=None, help="where the studies' folders go (default: a new temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the studies' folders (always kept when a study failed)")
+    parser.add_argument("--json", default=None, help="also write the summary here")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
+    args.n_trials = args.n_trials if args.n_trials is not None else (3 if quick else 8)
+    args.max_steps = args.max_steps if args.max_steps is not None else (20 if quick else 150)
+    if args.val_check_interval is None:
+        args.val_check_interval = max(1, args.max_steps // 10)
+    if args.num_problems is None and quick:
+        args.num_problems = 20
+    if args.n_trials >= SEED_STRIDE:
+        parser.error(f"--n-trials must be < {SEED_STRIDE} (seeds of repetitions are {SEED_STRIDE} apart)")
+    if args.max_steps % args.val_check_interval:
+        parser.error("--max-steps must be a multiple of --val-check-interval, so a trial's last evaluation is where it stops")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    seeds = [args.first_seed + SEED_STRIDE * i for i in range(args.seeds)]
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="search_efficiency."))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"search efficiency: {len(seeds)} seeds {seeds}, {args.n_trials} trials per study, max_steps {args.max_steps}, "
+          f"val_check_interval {args.val_check_interval}, evaluator {'on' if args.evaluator else 'off'}, "
+          f"target = random's best x {1 + args.tolerance:g}; studies in {work}", flush=True)
+    start = time.perf_counter()
+    summaries: dict[int, dict[str, Any]] = {}
+    failed = False
+    for seed in seeds:
+        runs: dict[str, StudyRun] = {}
+        for method in ("random", "tpe_asha"):
+            name = f"se-{method}-s{seed}"
+            results_dir = work / name
+            results_dir.mkdir(parents=True, exist_ok=True)
+            run = StudyRun(method, seed, name, results_dir, work / f"{name}.log")
+            run_study(run, study_overrides(method, seed, args, results_dir, name))
+            run.trials = read_trials(results_dir, name)
+            states = [t.state.lower() for t in run.trials]
+            print(f"  seed {seed} {method}: exit {run.returncode}, {len(run.trials)} trials "
+                  f"({', '.join(f'{s} {states.count(s)}' for s in sorted(set(states)))}) in {run.wall_s:.0f} s [log {run.log}]", flush=True)
+            if run.returncode != 0 or len(run.trials) < args.n_trials:
+                failed = True
+                print("    study failed or short; last lines of its log:\n" + _tail(run.log, 15), flush=True)
+            mismatched = [t.number for t in run.trials if t.examples_attr is not None and t.examples_attr != t.examples]
+            if mismatched:
+                print(f"    note: trials {mismatched} trained past their last evaluation; those examples are not counted", flush=True)
+            runs[method] = run
+        summary = summarize_seed(runs, args.tolerance)
+        summaries[seed] = summary
+        print(f"\n== seed {seed}: random's best eval/loss {_cell(summary['random_best'])}, target <= {_cell(summary['target'])}")
+        for method in METHODS:
+            print(f"-- {method} trials")
+            print(trial_table(runs[method], summary["target"]))
+        print(f"-- seed {seed} summary")
+        print(seed_table(summary) + "\n", flush=True)
+
+    # overall
+    rows = []
+    tpe, rnd, ratios = [], [], []
+    censored = False
+    for seed, s in summaries.items():
+        t_ex, t_lb = to_target(s["methods"]["tpe_asha"])
+        r_ex, r_lb = to_target(s["methods"]["random"])
+        censored |= t_lb or r_lb
+        tpe.append(t_ex)
+        rnd.append(r_ex)
+        ratio = t_ex / r_ex if r_ex > 0 else None
+        ratios.append(ratio)
+        mt, mr = s["methods"]["tpe_asha"], s["methods"]["random"]
+        rows.append([
+            seed, f"{int(t_ex)}{'+' if t_lb else ''}", f"{int(r_ex)}{'+' if r_lb else ''}",
+            f"{ratio:.3f}{'+' if t_lb else ''}" if ratio is not None else None,
+            mt["examples_total"], mr["examples_total"], mt["best_loss"], mr["best_loss"], mt["best_accuracy"], mr["best_accuracy"],
+            mt["accuracy_of_best"], mr["accuracy_of_best"],
+        ])
+    sum_ratio = ratio_of_sums(tpe, rnd)
+    geo = geometric_mean(ratios)
+    rows.append([
+        "all", int(sum(tpe)), int(sum(rnd)), f"{sum_ratio:.3f}" if sum_ratio is not None else None,
+        sum(s["methods"]["tpe_asha"]["examples_total"] for s in summaries.values()),
+        sum(s["methods"]["random"]["examples_total"] for s in summaries.values()),
+        _min(s["methods"]["tpe_asha"]["best_loss"] for s in summaries.values()),
+        _min(s["methods"]["random"]["best_loss"] for s in summaries.values()),
+        _max(s["methods"]["tpe_asha"]["best_accuracy"] for s in summaries.values()),
+        _max(s["methods"]["random"]["best_accuracy"] for s in summaries.values()), None, None,
+    ])
+    wall = time.perf_counter() - start
+    print("== overall (examples to target = examples trained until an eval/loss <= random's best x "
+          f"{1 + args.tolerance:g}; '+' = never reached, all it spent, a lower bound)")
+    print(format_table(
+        ["seed", "tpe_asha to target", "random to target", "ratio", "tpe_asha spent", "random spent",
+         "tpe_asha best loss", "random best loss", "tpe_asha best acc", "random best acc", "tpe_asha acc@best", "random acc@best"], rows,
+    ))
+    spent_ratio = ratio_of_sums((s["methods"]["tpe_asha"]["examples_total"] for s in summaries.values()),
+                                (s["methods"]["random"]["examples_total"] for s in summaries.values()))
+    print(f"total examples spent, tpe_asha / random: {_cell(spent_ratio)}")
+    print(f"geometric mean of per-seed ratios: {_cell(geo)}")
+    if censored:
+        print("some study never reached the target: its examples are a lower bound, and so is the ratio where it is tpe_asha's")
+    print(f"wall time: {wall:.0f} s ({wall / 60:.1f} min)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "seeds": summaries, "examples_ratio": sum_ratio,
+                                               "geometric_mean_ratio": geo, "wall_s": wall}, indent=2, default=str))
+    if args.keep or failed:
+        print(f"studies kept in {work}")
+    elif not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    print("goal: examples_ratio <= 0.333 (TPE+ASHA over random, ratio of sums over seeds)")
+    print(f"examples_ratio: {sum_ratio:.3f}" if sum_ratio is not None else "examples_ratio: nan")
+    return 1 if failed else 0
+
+
+def _min(values: Iterable[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return min(values) if values else None
+
+
+def _max(values: Iterable[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "    (no log)"
+    return "\n".join("    " + line for line in lines[-n:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
