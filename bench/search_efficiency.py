@@ -4,12 +4,18 @@ On the embedded task (tiny Qwen2 model, generated arithmetic, CPU), for each of 
 studies with the same number of trials and the same seeds:
 
 - tpe_asha: the study as configs/tune.yaml runs it (TPE with its 5 random start-up trials,
-  ASHA = SuccessiveHalvingPruner on examples seen);
+  ASHA = SuccessiveHalvingPruner on examples seen, reduction factor 3);
 - random:   every point drawn by optuna.samplers.RandomSampler, no pruning.
 
 Each study is one `python tune.py` (lit_sft.tuning.tune(cfg)) in a process of its own, with its
 own temporary results folder and SQLite storage, W&B and plots off; the numbers are read back
-from the storage afterwards.
+from the storage afterwards. Both run the training defaults, early stopping included.
+
+Budget: configs/tune.yaml gives every trial 20000 examples (any batch size), evaluates every
+2000 and puts ASHA's first rung at 4000 (the 2nd evaluation). Too long for 48 trials on 2 CPU
+cores, so the bench scales all three down together (default 5120 / 512 / 1024: the same rungs
+relative to a trial), keeping the rest of the study as it is. `--max-steps` switches to a step
+budget instead.
 
 How random search is obtained: the tuner always builds its (trial-seeded) TPESampler, and a TPE
 sampler draws its first `n_startup_trials` points from its internal
@@ -20,22 +26,23 @@ seed start from the same five random points, so the comparison is paired.
 
 Seeds: repetition i uses seed = first_seed + 1000 i for both `seed_everything` (data order) and
 `study.seed` (the sampler). The sampler is reseeded with seed + trial number, so consecutive
-seeds (0, 1) would share all but one of their points; 1000 apart they share none.
+seeds (0, 1) would share all but one of their points; 1000 apart they share none. The generated
+data set itself (data.seed) is the config's, the same everywhere.
 
 The measure, per seed: target = random search's best eval/loss (its best trial's value) x 1.01.
 Walking each study's trials in trial order (one worker: the order they ran), add up the examples
 each trial trained, up to the first evaluation whose eval/loss <= target: the compute the search
 spent before it had a model as good as random search's best, within 1%. A trial's examples are
-read from its intermediate values in the storage (reported at step = examples seen, at every
-evaluation): the last report for trials that ran on (complete, pruned or failed), the report
-that crossed the target for the trial that reached it. Early stopping is on in both studies
-(the training default); it ends trials at an evaluation, so nothing trained is uncounted.
+read from the storage: its intermediate values are reported at step = examples seen at every
+evaluation; a trial that ran on counts up to its last report (or its user attr examples_seen if
+larger), the trial that reached the target up to the report that did. Pruned trials count what
+they trained before being pruned.
 
 Accuracy: each trial stores the evaluator's eval/accuracy at its best eval/loss step
 (user attr `accuracy`); "best acc" is the highest of a study's trials, "acc@best" that of the
 trial with the best eval/loss (the one the study would hand over).
 
-    python bench/search_efficiency.py [--seeds 3] [--n-trials 8] [--max-steps 150] [--quick]
+    python bench/search_efficiency.py [--seeds 3] [--n-trials 8] [--examples 5120] [--quick]
 
 The last line is `examples_ratio: X`: the sum over seeds of TPE+ASHA's examples to the target
 over the sum of random search's (ratio of sums; the geometric mean of per-seed ratios is printed
@@ -85,8 +92,10 @@ class TrialRecord:
 
     @property
     def examples(self) -> int:
-        """Examples trained, counted at the trial's last evaluation."""
-        return self.curve[-1][0] if self.curve else 0
+        """Examples the trial trained: at its last evaluation, or its recorded total if larger
+        (steps after the last evaluation: a budget that is no multiple of the evaluation period)."""
+        last = self.curve[-1][0] if self.curve else 0
+        return max(last, int(self.examples_attr or 0))
 
     @property
     def best_loss(self) -> float | None:
@@ -193,11 +202,18 @@ def study_overrides(method: str, seed: int, args: argparse.Namespace, results_di
         "--study.plots", "false",
         "--study.save_best_model", "false",  # a copy of the best weights costs time and says nothing here
         "--wandb.enabled", "false",
-        "--trainer.max_steps", str(args.max_steps),
-        "--trainer.val_check_interval", str(args.val_check_interval),
         "--trainer.enable_progress_bar", "false",
         "--evaluator.enabled", "true" if args.evaluator else "false",
     ]
+    if args.max_steps is not None:
+        # A step budget: the example budget off, ASHA's first rung derived by the tuner
+        # (val_check_interval x the largest batch size).
+        out += ["--budget.examples", "null", "--budget.eval_every_examples", "null",
+                "--trainer.max_steps", str(args.max_steps), "--trainer.val_check_interval", str(args.val_check_interval),
+                "--study.pruner.min_resource", "null"]
+    else:
+        out += ["--budget.examples", str(args.examples), "--budget.eval_every_examples", str(args.eval_every_examples),
+                "--study.pruner.min_resource", str(args.min_resource)]
     if args.num_problems is not None:
         out += ["--data.num_validation_problems", str(args.num_problems)]
     if method == "random":
@@ -302,10 +318,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None, help="repetitions (default 3; --quick: 1)")
     parser.add_argument("--first-seed", type=int, default=0, help=f"seed of the first repetition; then +{SEED_STRIDE} each")
     parser.add_argument("--n-trials", type=int, default=None, help="trials per study, the same for both methods (default 8; --quick: 3)")
-    parser.add_argument("--max-steps", type=int, default=None, help="trainer.max_steps per trial (default 150; --quick: 20)")
-    parser.add_argument("--val-check-interval", type=int, default=None,
-                        help="trainer.val_check_interval (default: max_steps / 10, as configs/tune.yaml's 500 / 50; "
-                             "ASHA's first rung follows it: interval x largest batch)")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="budget.examples: examples per trial, any batch size (default 5120, a quarter of configs/tune.yaml's "
+                             "20000; --quick: 640)")
+    parser.add_argument("--eval-every-examples", type=int, default=None, help="budget.eval_every_examples (default: examples / 10, as the config)")
+    parser.add_argument("--min-resource", type=int, default=None,
+                        help="study.pruner.min_resource, ASHA's first rung (default: 2 x eval-every-examples, as the config's 4000)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="a step budget instead of the example budget: trainer.max_steps per trial (batch 64 then trains 8x "
+                             "the examples of batch 8); ASHA's first rung becomes the tuner's default")
+    parser.add_argument("--val-check-interval", type=int, default=None, help="with --max-steps: trainer.val_check_interval (default max_steps / 10)")
     parser.add_argument("--num-problems", type=int, default=None, help="data.num_validation_problems (default: the config's 200; --quick: 20)")
     parser.add_argument("--no-evaluator", dest="evaluator", action="store_false", help="no accuracy (faster)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="within this fraction of random search's best loss")
@@ -317,16 +339,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     args.seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
     args.n_trials = args.n_trials if args.n_trials is not None else (3 if quick else 8)
-    args.max_steps = args.max_steps if args.max_steps is not None else (20 if quick else 150)
-    if args.val_check_interval is None:
+    args.examples = args.examples if args.examples is not None else (640 if quick else 5120)
+    args.eval_every_examples = args.eval_every_examples or max(1, args.examples // 10)
+    args.min_resource = args.min_resource or 2 * args.eval_every_examples
+    if args.max_steps is not None and args.val_check_interval is None:
         args.val_check_interval = max(1, args.max_steps // 10)
     if args.num_problems is None and quick:
         args.num_problems = 20
     if args.n_trials >= SEED_STRIDE:
         parser.error(f"--n-trials must be < {SEED_STRIDE} (seeds of repetitions are {SEED_STRIDE} apart)")
-    if args.max_steps % args.val_check_interval:
+    if args.max_steps is not None and args.max_steps % args.val_check_interval:
         parser.error("--max-steps must be a multiple of --val-check-interval, so a trial's last evaluation is where it stops")
     return args
+
+
+def describe_budget(args: argparse.Namespace) -> str:
+    if args.max_steps is not None:
+        return f"max_steps {args.max_steps}, val_check_interval {args.val_check_interval}, ASHA min_resource: the tuner's default"
+    return (f"{args.examples} examples per trial, eval every {args.eval_every_examples}, "
+            f"ASHA min_resource {args.min_resource} x reduction factor 3")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [args.first_seed + SEED_STRIDE * i for i in range(args.seeds)]
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="search_efficiency."))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"search efficiency: {len(seeds)} seeds {seeds}, {args.n_trials} trials per study, max_steps {args.max_steps}, "
-          f"val_check_interval {args.val_check_interval}, evaluator {'on' if args.evaluator else 'off'}, "
+    print(f"search efficiency: {len(seeds)} seeds {seeds}, {args.n_trials} trials per study, {describe_budget(args)}, "
+          f"evaluator {'on' if args.evaluator else 'off'}, "
           f"target = random's best x {1 + args.tolerance:g}; studies in {work}", flush=True)
     start = time.perf_counter()
     summaries: dict[int, dict[str, Any]] = {}
@@ -355,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
             if run.returncode != 0 or len(run.trials) < args.n_trials:
                 failed = True
                 print("    study failed or short; last lines of its log:\n" + _tail(run.log, 15), flush=True)
-            mismatched = [t.number for t in run.trials if t.examples_attr is not None and t.examples_attr != t.examples]
-            if mismatched:
-                print(f"    note: trials {mismatched} trained past their last evaluation; those examples are not counted", flush=True)
+            past = [t.number for t in run.trials if t.curve and t.examples > t.curve[-1][0]]
+            if past:
+                print(f"    note: trials {past} trained past their last evaluation (counted)", flush=True)
             runs[method] = run
         summary = summarize_seed(runs, args.tolerance)
         summaries[seed] = summary

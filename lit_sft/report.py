@@ -222,7 +222,7 @@ def _draw_curves(plt, ax, rows, histories, key: str, source: str, markers: bool 
 
 
 def _plot_losses(plt, rows, histories, metric: str, path: Path) -> bool:
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
     drawn = _draw_curves(plt, left, rows, histories, "train/loss", "history", markers=False)
@@ -239,7 +239,8 @@ def _plot_losses(plt, rows, histories, metric: str, path: Path) -> bool:
             ax.set_yscale("log")
             plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.4, not 4x10^-1
             ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            # Minor labels help within a decade or so; over several they overprint each other.
+            ax.yaxis.set_minor_formatter(plain if max(ys) / min(ys) < 30 else NullFormatter())
     left.set_ylabel("loss")
     handles, labels = (right if right.get_lines() else left).get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(0.83, 0.5), frameon=False)

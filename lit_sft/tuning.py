@@ -71,8 +71,12 @@ def default_min_resource(cfg: dict[str, Any], space: SearchSpace) -> int:
 
     Reports are made at every evaluation, i.e. every `val_check_interval * batch_size`
     examples, so a smaller first rung would be judged on different amounts of data: the
-    small-batch trials at their first evaluation, the large-batch ones well past it.
+    small-batch trials at their first evaluation, the large-batch ones well past it. With an
+    example budget every trial evaluates every `budget.eval_every_examples`: that is the rung.
     """
+    every = (cfg.get("budget") or {}).get("eval_every_examples")
+    if every:
+        return int(every)
     interval = cfg["trainer"].get("val_check_interval")
     if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
         raise UserError(

@@ -36,6 +36,7 @@ def tune_argv(model_path: str, results_dir: Path, name: str, *extra: str, max_st
         "--model.model_name_or_path", model_path,
         "--data.num_generated", "160", "--data.eval_size", "16", "--data.num_validation_problems", "8", "--data.max_length", "128",
         "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(interval), "--trainer.enable_progress_bar", "false",
+        "--budget.examples", "null", "--budget.eval_every_examples", "null", "--study.pruner.min_resource", "null",
         "--evaluator.enabled", "false", "--wandb.enabled", "false",
         "--study.name", name, "--study.results_dir", str(results_dir), "--study.search_space", str(space),
         "--study.plots", "false", "--study.sampler.n_startup_trials", "2", "--study.pruner.enabled", "false",
