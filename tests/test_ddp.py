@@ -58,7 +58,8 @@ def test_a_ddp_trial_reports_once_and_a_pruned_one_ends_on_every_rank(tiny_model
         "--evaluator.enabled", "true", "--evaluator.num_problems", "4", "--evaluator.max_new_tokens", "4",
         "--evaluator.batch_size", "4", "--evaluator.final_wait_s", "120",
         "--wandb.enabled", "true", "--wandb.save_dir", str(tmp_path / "wandb"),
-        "--early_stopping.patience", "1", max_steps=10,
+        # No evaluation improves by 100: early stopping ends every trial at its 3rd evaluation.
+        "--early_stopping.patience", "2", "--early_stopping.min_delta", "100", max_steps=10,
     )
     run = subprocess.run(argv, cwd=tmp_path, env=tune_env(), capture_output=True, text=True, timeout=300)
     output = run.stdout + run.stderr
@@ -70,7 +71,7 @@ def test_a_ddp_trial_reports_once_and_a_pruned_one_ends_on_every_rank(tiny_model
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]  # no trial from rank 1
     # Examples seen are global: 8 per step over both ranks, as in a one-process trial.
     assert sorted(trials[0].intermediate_values) == [16, 32, 48]
-    # Early stopping (patience 1: the evaluation at 48 examples is worse) ended both ranks at step 6 of 10.
+    # Early stopping ended both ranks at step 6 of 10; the pruner ended trial 1 before that, at step 4.
     assert trials[0].user_attrs["stopped_early"] is True and trials[0].user_attrs["global_step"] == 6
     assert sorted(trials[1].intermediate_values) == [16, 32]
     assert trials[1].user_attrs["pruned_at"] == 32 and trials[1].user_attrs["global_step"] == 4

@@ -35,7 +35,7 @@ def test_shipped_spaces_are_the_documented_ones():
     assert (wd.kind, wd.low, wd.high, wd.log, wd.key) == ("float", 0.0, 0.1, False, "model.weight_decay")
 
     tiny = {p.name: p for p in load_search_space(CONFIGS / "search_space_tiny.yaml", CFG).params}
-    assert (tiny["learning_rate"].low, tiny["learning_rate"].high) == (1e-4, 1e-2)
+    assert (tiny["learning_rate"].low, tiny["learning_rate"].high) == (1e-4, 3e-2)
     assert tiny["batch_size"].choices == (8, 16, 32, 64)
     assert tiny["batch_size"].largest == 64
 

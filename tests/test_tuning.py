@@ -270,6 +270,7 @@ def _argv(tiny_model_path: str, tmp_path: Path, *extra: str) -> list[str]:
         "--model.model_name_or_path", tiny_model_path,
         "--data.num_generated", "160", "--data.eval_size", "16", "--data.num_validation_problems", "8", "--data.max_length", "128",
         "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+        "--budget.examples", "null", "--budget.eval_every_examples", "null",  # else they set the steps
         "--evaluator.enabled", "false", "--wandb.enabled", "false",
         "--study.name", "cli", "--study.results_dir", str(tmp_path / "results"), "--study.search_space", str(space),
         "--study.plots", "false", "--study.save_best_model", "false", "--study.heartbeat_interval_s", "null",

@@ -1,0 +1,71 @@
+"""The pure helpers of bench/search_efficiency.py: how examples to the target are counted."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "search_efficiency.py"
+_spec = importlib.util.spec_from_file_location("search_efficiency", _PATH)
+se = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = se  # dataclasses look their module up there
+_spec.loader.exec_module(se)
+
+
+def trial(number, curve, state="COMPLETE", examples_attr=None):
+    values = [v for _, v in curve]
+    return se.TrialRecord(number=number, state=state, curve=list(curve), value=min(values) if values else None,
+                          examples_attr=examples_attr)
+
+
+def test_curve_sorted_by_examples():
+    assert se.curve_from_intermediate({2000: 0.5, 500: 0.9, 1000: 0.7}) == [(500, 0.9), (1000, 0.7), (2000, 0.5)]
+
+
+def test_examples_to_reach_counts_earlier_trials_in_full_and_the_hitting_one_up_to_the_hit():
+    trials = [
+        trial(1, [(100, 0.9), (200, 0.5)]),  # reaches at 200: after trial 0's 300
+        trial(0, [(100, 1.0), (300, 0.8)], state="PRUNED"),
+        trial(2, [(100, 0.4)]),  # after the hit: spent, not to target
+    ]
+    assert se.examples_to_reach(trials, target=0.5) == (500, 1, 600)
+
+
+def test_examples_to_reach_never():
+    assert se.examples_to_reach([trial(0, [(100, 1.0)]), trial(1, [(50, math.nan)])], target=0.5) == (None, None, 150)
+
+
+def test_examples_include_steps_after_the_last_evaluation():
+    assert trial(0, [(100, 1.0), (200, 0.9)], examples_attr=230).examples == 230
+    assert trial(0, [(100, 1.0), (200, 0.9)], examples_attr=None).examples == 200
+    assert trial(0, [], state="FAIL").examples == 0
+
+
+def test_target_and_best():
+    assert se.target_loss(2.0, 0.01) == pytest.approx(2.02)
+    trials = [trial(0, [(100, 0.3)], state="PRUNED"), trial(1, [(100, 0.6), (200, 0.4)])]
+    assert se.best_value(trials) == pytest.approx(0.4)  # the complete trials' best, as Optuna's best_value
+    assert se.best_trial(trials).number == 1
+    assert se.best_value([trial(0, [(100, 0.3)], state="PRUNED")]) == pytest.approx(0.3)
+
+
+def test_ratios():
+    assert se.ratio_of_sums([1, 2], [4, 8]) == pytest.approx(0.25)
+    assert se.ratio_of_sums([1], [0]) is None
+    assert se.geometric_mean([0.25, 1.0]) == pytest.approx(0.5)
+    assert se.geometric_mean([]) is None
+
+
+def test_table_and_random_overrides(tmp_path):
+    text = se.format_table(["a", "bb"], [[1, None], [0.123456, "x"]])
+    assert text.splitlines()[2].split() == ["1", "-"] and "0.1235" in text
+    args = se.parse_args(["--quick"])
+    random = se.study_overrides("random", 0, args, tmp_path, "n")
+    assert random[random.index("--study.sampler.n_startup_trials") + 1] == str(args.n_trials)
+    assert random[random.index("--study.pruner.enabled") + 1] == "false"
+    tpe = se.study_overrides("tpe_asha", 0, args, tmp_path, "n")
+    assert "--study.sampler.n_startup_trials" not in tpe and "--study.pruner.enabled" not in tpe
