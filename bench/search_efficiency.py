@@ -46,7 +46,8 @@ trial with the best eval/loss (the one the study would hand over).
 
 The last line is `examples_ratio: X`: the sum over seeds of TPE+ASHA's examples to the target
 over the sum of random search's (ratio of sums; the geometric mean of per-seed ratios is printed
-above it). Goal: <= 1/3.
+above it). Goal: <= 1/3. Where TPE+ASHA never reached the target in some seed, that seed counts
+all it spent and the line reads `examples_ratio: >=X` (a lower bound).
 """
 
 from __future__ import annotations
@@ -55,14 +56,16 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE = ROOT / "tune.py"
@@ -186,7 +189,7 @@ class StudyRun:
     results_dir: Path
     log: Path
     returncode: int | None = None
-    wall_s: float = 0.0
+    wall_s: float | None = 0.0
     trials: list[TrialRecord] = field(default_factory=list)
 
 
@@ -218,7 +221,9 @@ def study_overrides(method: str, seed: int, args: argparse.Namespace, results_di
         out += ["--data.num_validation_problems", str(args.num_problems)]
     if method == "random":
         out += ["--study.sampler.n_startup_trials", str(args.n_trials), "--study.pruner.enabled", "false"]
-    elif method != "tpe_asha":
+    elif method == "tpe_asha":
+        out += shlex.split(args.tpe_asha_args or "")
+    else:
         raise ValueError(method)
     return out
 
@@ -229,7 +234,7 @@ def run_study(run: StudyRun, overrides: list[str]) -> None:
     with open(run.log, "w") as log:
         log.write(" ".join([sys.executable, str(TUNE), *overrides]) + "\n")
         log.flush()
-        proc = subprocess.run([sys.executable, str(TUNE), *overrides], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, str(TUNE), *overrides], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     run.wall_s = time.perf_counter() - start
     run.returncode = proc.returncode
 
@@ -288,7 +293,8 @@ def summarize_seed(runs: dict[str, StudyRun], tolerance: float) -> dict[str, Any
             "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
             "examples_total": total, "examples_to_target": reach, "reached_in_trial": trial,
             "best_loss": best_value(run.trials), "best_accuracy": max(accs) if accs else None,
-            "accuracy_of_best": best.accuracy if best else None, "wall_s": round(run.wall_s, 1), "returncode": run.returncode,
+            "accuracy_of_best": best.accuracy if best else None,
+            "wall_s": round(run.wall_s, 1) if run.wall_s is not None else None, "returncode": run.returncode,
         }
     return out
 
@@ -333,8 +339,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=0.01, help="within this fraction of random search's best loss")
     parser.add_argument("--quick", action="store_true", help="a tiny budget: a smoke check of the whole pipeline")
     parser.add_argument("--workdir", default=None, help="where the studies' folders go (default: a new temporary folder)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report the studies already in --workdir (same seeds and --n-trials)")
     parser.add_argument("--keep", action="store_true", help="keep the studies' folders (always kept when a study failed)")
     parser.add_argument("--json", default=None, help="also write the summary here")
+    parser.add_argument("--tpe-asha-args", default="",
+                        help="extra tune.py overrides for the tpe_asha studies only, e.g. "
+                             "'--study.pruner.min_early_stopping_rate 1' (a variant of ASHA against the same random search)")
     args = parser.parse_args(argv)
     quick = args.quick
     args.seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
@@ -346,6 +357,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.val_check_interval = max(1, args.max_steps // 10)
     if args.num_problems is None and quick:
         args.num_problems = 20
+    if args.report_only and not args.workdir:
+        parser.error("--report-only needs --workdir")
     if args.n_trials >= SEED_STRIDE:
         parser.error(f"--n-trials must be < {SEED_STRIDE} (seeds of repetitions are {SEED_STRIDE} apart)")
     if args.max_steps is not None and args.max_steps % args.val_check_interval:
@@ -378,12 +391,17 @@ def main(argv: list[str] | None = None) -> int:
             results_dir = work / name
             results_dir.mkdir(parents=True, exist_ok=True)
             run = StudyRun(method, seed, name, results_dir, work / f"{name}.log")
-            run_study(run, study_overrides(method, seed, args, results_dir, name))
+            wall_file = work / f"{name}.wall_s"
+            if args.report_only:
+                run.wall_s = float(wall_file.read_text()) if wall_file.exists() else None
+            else:
+                run_study(run, study_overrides(method, seed, args, results_dir, name))
+                wall_file.write_text(f"{run.wall_s:.1f}\n")
             run.trials = read_trials(results_dir, name)
             states = [t.state.lower() for t in run.trials]
-            print(f"  seed {seed} {method}: exit {run.returncode}, {len(run.trials)} trials "
-                  f"({', '.join(f'{s} {states.count(s)}' for s in sorted(set(states)))}) in {run.wall_s:.0f} s [log {run.log}]", flush=True)
-            if run.returncode != 0 or len(run.trials) < args.n_trials:
+            print(f"  seed {seed} {method}: exit {_cell(run.returncode)}, {len(run.trials)} trials "
+                  f"({', '.join(f'{s} {states.count(s)}' for s in sorted(set(states)))}) in {_cell(run.wall_s)} s [log {run.log}]", flush=True)
+            if run.returncode not in (0, None) or len(run.trials) < args.n_trials:
                 failed = True
                 print("    study failed or short; last lines of its log:\n" + _tail(run.log, 15), flush=True)
             past = [t.number for t in run.trials if t.curve and t.examples > t.curve[-1][0]]
@@ -413,15 +431,17 @@ def main(argv: list[str] | None = None) -> int:
         ratios.append(ratio)
         mt, mr = s["methods"]["tpe_asha"], s["methods"]["random"]
         rows.append([
-            seed, f"{int(t_ex)}{'+' if t_lb else ''}", f"{int(r_ex)}{'+' if r_lb else ''}",
-            f"{ratio:.3f}{'+' if t_lb else ''}" if ratio is not None else None,
+            seed, f"{'>' if t_lb else ''}{int(t_ex)}", f"{'>' if r_lb else ''}{int(r_ex)}",
+            f"{'>' if t_lb else ''}{ratio:.3f}" if ratio is not None else None,
             mt["examples_total"], mr["examples_total"], mt["best_loss"], mr["best_loss"], mt["best_accuracy"], mr["best_accuracy"],
             mt["accuracy_of_best"], mr["accuracy_of_best"],
         ])
     sum_ratio = ratio_of_sums(tpe, rnd)
     geo = geometric_mean(ratios)
+    tpe_censored = any(s["methods"]["tpe_asha"]["examples_to_target"] is None for s in summaries.values())
+    bound = ">" if tpe_censored else ""
     rows.append([
-        "all", int(sum(tpe)), int(sum(rnd)), f"{sum_ratio:.3f}" if sum_ratio is not None else None,
+        "all", f"{bound}{int(sum(tpe))}", int(sum(rnd)), f"{bound}{sum_ratio:.3f}" if sum_ratio is not None else None,
         sum(s["methods"]["tpe_asha"]["examples_total"] for s in summaries.values()),
         sum(s["methods"]["random"]["examples_total"] for s in summaries.values()),
         _min(s["methods"]["tpe_asha"]["best_loss"] for s in summaries.values()),
@@ -430,8 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         _max(s["methods"]["random"]["best_accuracy"] for s in summaries.values()), None, None,
     ])
     wall = time.perf_counter() - start
+    if args.report_only:
+        walls = [m["wall_s"] for s in summaries.values() for m in s["methods"].values()]
+        wall = sum(walls) if all(w is not None for w in walls) else math.nan
     print("== overall (examples to target = examples trained until an eval/loss <= random's best x "
-          f"{1 + args.tolerance:g}; '+' = never reached, all it spent, a lower bound)")
+          f"{1 + args.tolerance:g}; '>' = never reached: all it spent, a lower bound)")
     print(format_table(
         ["seed", "tpe_asha to target", "random to target", "ratio", "tpe_asha spent", "random spent",
          "tpe_asha best loss", "random best loss", "tpe_asha best acc", "random best acc", "tpe_asha acc@best", "random acc@best"], rows,
@@ -439,19 +462,25 @@ def main(argv: list[str] | None = None) -> int:
     spent_ratio = ratio_of_sums((s["methods"]["tpe_asha"]["examples_total"] for s in summaries.values()),
                                 (s["methods"]["random"]["examples_total"] for s in summaries.values()))
     print(f"total examples spent, tpe_asha / random: {_cell(spent_ratio)}")
-    print(f"geometric mean of per-seed ratios: {_cell(geo)}")
+    print(f"geometric mean of per-seed ratios: {'>=' if tpe_censored else ''}{_cell(geo)}")
+    reached = {m: sum(s["methods"][m]["examples_to_target"] is not None for s in summaries.values()) for m in METHODS}
+    print(f"seeds where the target was reached: tpe_asha {reached['tpe_asha']}/{len(summaries)}, random {reached['random']}/{len(summaries)}")
     if censored:
-        print("some study never reached the target: its examples are a lower bound, and so is the ratio where it is tpe_asha's")
-    print(f"wall time: {wall:.0f} s ({wall / 60:.1f} min)")
+        print("a study that never reached the target counts all it spent: a lower bound on its examples to target; where it "
+              "is tpe_asha's, the ratio below is a lower bound too (written >=X): within its n_trials TPE+ASHA never "
+              "matched random search's best there")
+    what = "wall time of the studies (report only: their recorded walls)" if args.report_only else "wall time"
+    print(f"{what}: {wall:.0f} s ({wall / 60:.1f} min)")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "seeds": summaries, "examples_ratio": sum_ratio,
+                                               "examples_ratio_is_lower_bound": tpe_censored,
                                                "geometric_mean_ratio": geo, "wall_s": wall}, indent=2, default=str))
     if args.keep or failed:
         print(f"studies kept in {work}")
     elif not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     print("goal: examples_ratio <= 0.333 (TPE+ASHA over random, ratio of sums over seeds)")
-    print(f"examples_ratio: {sum_ratio:.3f}" if sum_ratio is not None else "examples_ratio: nan")
+    print(f"examples_ratio: {bound}{'=' if bound else ''}{sum_ratio:.3f}" if sum_ratio is not None else "examples_ratio: nan")
     return 1 if failed else 0
 
 

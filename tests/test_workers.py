@@ -173,3 +173,40 @@ def test_two_workers_started_together_share_one_sqlite_study(tiny_model_path, tm
     assert data["disk"]["weight_files_bytes"] == 0 and data["disk"]["best_model_bytes"] > 0
     # Each worker said how far the study was when it started.
     assert any("0 of 4 trials so far" in out for out in outputs)
+
+
+# ---- the journal file storage -------------------------------------------------------------------
+
+
+def test_a_journal_study_resumes_and_finds_dead_workers_without_a_heartbeat(tiny_model_path, tmp_path):
+    """The journal has no heartbeat: a dead worker of this machine is found by its process."""
+    from lit_sft import tuning
+    from tests.helpers import small_cfg
+
+    journal = tmp_path / "study.log"
+    url = f"journal://{journal}"
+    (tmp_path / "space.yaml").write_text(SPACE)
+    cfg = small_cfg(tiny_model_path, tmp_path, trainer={"max_steps": 4, "val_check_interval": 2})
+    cfg["study"] = {"n_trials": 1, "name": "j", "storage": url, "results_dir": str(tmp_path / "results"),
+                    "search_space": str(tmp_path / "space.yaml"), "plots": False, "save_best_model": False,
+                    "sampler": {"n_startup_trials": 2}, "pruner": {"enabled": False}}
+    tuning.tune(cfg)
+    # A worker of this machine died in the middle of a trial.
+    storage = storage_mod.open_storage(url, heartbeat_interval_s=None)
+    study = optuna.load_study(study_name="j", storage=storage)
+    orphan = study.ask()
+    orphan.suggest_float("learning_rate", 1e-4, 5e-2, log=True)
+    orphan.suggest_categorical("batch_size", [8, 16])
+    orphan.suggest_float("weight_decay", 0.0, 0.1)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan.set_user_attr(storage_mod.WORKER_ATTR, {**storage_mod.this_worker(), "pid": dead.pid, "start": "1"})
+
+    cfg["study"]["n_trials"] = 3
+    summary = tuning.tune(cfg)
+
+    trials = optuna.load_study(study_name="j", storage=storage_mod.open_storage(url, heartbeat_interval_s=None)).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].user_attrs["reason"] == "worker_died"
+    assert trials[2].user_attrs["retry_of"] == 1 and trials[2].params == trials[1].params
+    assert summary["counted"] == 3 and (tmp_path / "study.log.lock").exists()
