@@ -255,7 +255,8 @@ def study_lock(url: str, study_name: str) -> AbstractContextManager:
         return PostgresLock(url, study_name)
     path = journal_path(url) if kind == "journal" else _sqlite_path(url)
     assert path is not None, "url_problem() rejects in-memory studies"
-    return FileLock(path.with_name(f"{path.name}.lock"))
+    # Not `<file>.lock`: JournalFileBackend's own lock is a symlink of that name.
+    return FileLock(path.with_name(f"{path.name}.study-lock"))
 
 
 # ---- workers --------------------------------------------------------------------------------
@@ -362,6 +363,10 @@ def retry(study: optuna.Study, trial: FrozenTrial) -> None:
     ))
 
 
+_given_up: set[tuple[str, int]] = set()
+"""(study, trial) whose retries are exhausted and that this process has said so about."""
+
+
 def _fail_dead_workers(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[str]:
     notes = []
     study_id = storage.get_study_id_from_name(study.study_name)
@@ -397,7 +402,9 @@ def recover(study: optuna.Study, storage: optuna.storages.BaseStorage, max_retri
             continue
         tries = len(trial.system_attrs.get("retry_history", ())) + 1
         if tries > max_retries:
-            notes.append(f"trial {trial.number}: not retried, it failed {tries} times (study.max_retries={max_retries})")
+            if (study.study_name, trial.number) not in _given_up:  # said once per process, not before every trial
+                _given_up.add((study.study_name, trial.number))
+                notes.append(f"trial {trial.number}: not retried, it failed {tries} times (study.max_retries={max_retries})")
             continue
         retry(study, trial)
         notes.append(f"trial {trial.number}: queued again with the same parameters (retry {tries} of {max_retries})")

@@ -701,18 +701,24 @@ def _next_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, lock:
 
 
 def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: optuna.Trial, objective: Objective) -> FrozenTrial:
+    """Run one trial and tell the storage how it ended.
+
+    `skip_if_finished`: another worker may have failed this trial meanwhile (its heartbeat was
+    lost for longer than the grace period, say) and queued a retry; the retry then counts, and
+    this run's outcome is dropped rather than crashing the worker.
+    """
     trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), trial.number)
     with storage_mod.Heartbeat(storage, trial_id):
         try:
             value = objective(trial)
         except optuna.TrialPruned:
-            return study.tell(trial, state=TrialState.PRUNED)
+            return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         except TrialFailed:
-            return study.tell(trial, state=TrialState.FAIL)
+            return study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
-        return study.tell(trial, value)
+        return study.tell(trial, value, skip_if_finished=True)
 
 
 def _optimize(study: optuna.Study, storage: optuna.storages.BaseStorage, lock: AbstractContextManager, objective: Objective, callbacks: list) -> None:

@@ -81,7 +81,7 @@ class PostgresServer:
         return ["runuser", "-u", self.os_user, "--", *args]
 
     def _run(self, *args: str) -> None:
-        result = subprocess.run(self._cmd(*args), capture_output=True, text=True, timeout=120)
+        result = subprocess.run(self._cmd(*args), capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
             log = self.log_file.read_text() if self.log_file.exists() else ""
             raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}): {result.stdout}{result.stderr}{log}")
@@ -93,7 +93,8 @@ class PostgresServer:
 
     def stop(self) -> None:
         try:
-            self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "-w", "stop")
+            if (self.data_dir / "postmaster.pid").exists():  # not already stopped from outside
+                self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 

@@ -61,7 +61,7 @@ def test_a_ddp_trial_reports_once_and_a_pruned_one_ends_on_every_rank(tiny_model
         # No evaluation improves by 100: early stopping ends every trial at its 3rd evaluation.
         "--early_stopping.patience", "2", "--early_stopping.min_delta", "100", max_steps=10,
     )
-    run = subprocess.run(argv, cwd=tmp_path, env=tune_env(), capture_output=True, text=True, timeout=300)
+    run = subprocess.run(argv, cwd=tmp_path, env=tune_env(), capture_output=True, text=True, timeout=300, check=False)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]
 

@@ -15,7 +15,13 @@ from optuna.trial import TrialState
 
 from lit_sft import storage as storage_mod
 from tests.postgres import postgres_server  # noqa: F401 (the fixture)
-from tests.test_workers import finish_workers, start_workers, tune_argv, tune_env, worker_pids
+from tests.test_workers import (
+    finish_workers,
+    start_workers,
+    tune_argv,
+    tune_env,
+    worker_pids,
+)
 
 PASSWORD = "pg-pass-Zx81q"
 WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"

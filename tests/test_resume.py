@@ -115,6 +115,7 @@ def test_a_trial_that_keeps_killing_its_worker_is_retried_max_retries_times(tmp_
     assert len(storage_mod.counted(trials)) == 1  # the last failure counts, as any failure does
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # the test's own ask()
 def test_a_stale_trial_of_another_machine_is_retried_after_its_heartbeat_stops(tiny_model_path, tmp_path):
     cfg = _cfg(tiny_model_path, tmp_path, study={"n_trials": 1, "heartbeat_interval_s": 1})
     (tmp_path / "results").mkdir()
@@ -125,7 +126,7 @@ def test_a_stale_trial_of_another_machine_is_retried_after_its_heartbeat_stops(t
     load_search_space(tmp_path / "space.yaml").suggest(trial)  # as a worker of another machine did
     trial.set_user_attr(storage_mod.WORKER_ATTR, {"host": "gone", "pid": 1, "machine": "gone|x|y", "start": "1"})
     storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name("resume"), 0))
-    time.sleep(3.5)  # grace period: 3 intervals
+    time.sleep(4.5)  # grace period: 3 intervals, + 1 s: SQLite keeps whole seconds
 
     tuning.tune(cfg)
 
@@ -213,7 +214,7 @@ def test_kill_9_mid_trial_then_the_same_command_loses_nothing(tiny_model_path, t
     runs_before = sorted(p.name for p in (wandb_dir / "wandb").glob("offline-run-*"))
     assert len(runs_before) == len(finished) + 1  # the killed trial's run exists too, unfinished
 
-    rerun = subprocess.run(argv, cwd=tmp_path, env=tune_env(), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(argv, cwd=tmp_path, env=tune_env(), capture_output=True, text=True, timeout=300, check=False)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
 
     after = {t.number: t for t in optuna.load_study(study_name="killed", storage=sqlite_url(results)).trials}

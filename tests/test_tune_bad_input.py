@@ -46,7 +46,7 @@ def _assert_untouched(folder: Path, before: dict[str, tuple[bytes, int]]) -> Non
     """Every file as it was (content and mtime); the only new file allowed is the study's empty lock."""
     after = _snapshot(folder)
     assert {k: after.get(k) for k in before} == before
-    assert set(after) - set(before) <= {"optuna.db.lock"}
+    assert set(after) - set(before) <= {"optuna.db.study-lock"}
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def test_the_real_cli_prints_one_line_and_exits_2(tiny_model_path, tmp_path):
     """The same as a real process: no traceback reaches the terminal, the password never does."""
     url = f"postgresql://lit:{SECRET}@127.0.0.1:{_closed_port()}/optuna"
     argv = [sys.executable, str(ROOT / "tune.py"), *_argv(tiny_model_path, tmp_path, "--study.storage", url)]
-    result = subprocess.run(argv, cwd=tmp_path, env=tune_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(argv, cwd=tmp_path, env=tune_env(), capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
     assert result.stderr.startswith("error: study.storage: cannot connect to postgresql://lit:***@")
