@@ -33,6 +33,17 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Two threads on two busy cores make torch many times slower than one; restore afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """GPU tests are skipped by their marker where no CUDA device exists, never by hand."""
     import torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -16,4 +17,17 @@ def small_cfg(model_path: str, tmp_path, **sections: dict[str, Any]) -> dict[str
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def study_cfg(model_path: str, tmp_path: Path, space: str, name: str, study: dict[str, Any] | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A small study: 6 steps per trial, an evaluation every 2 (16, 32, 48 examples at batch 8)."""
+    space_path = tmp_path / "space.yaml"
+    space_path.write_text(space)
+    cfg = small_cfg(model_path, tmp_path, trainer={"max_steps": 6, "val_check_interval": 2}, **sections)
+    cfg["study"] = {
+        "n_trials": 2, "name": name, "results_dir": str(tmp_path / "results"), "search_space": str(space_path),
+        "plots": False, "save_best_model": False, "heartbeat_interval_s": None,
+        "sampler": {"n_startup_trials": 2}, "pruner": {"enabled": False}, **(study or {}),
+    }
     return cfg

@@ -25,13 +25,7 @@ LOAD_TIMEOUT_S = 180.0
 EVAL_KEYS = ["eval/accuracy", "eval/format_accuracy", "eval/correct", "eval/wrong_answer", "eval/format_failure", "eval/mean_response_length"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two threads on two busy cores make torch many times slower than one; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyLM(LightningModule):

@@ -40,13 +40,7 @@ RESULT_KEYS = {
 LOAD_TIMEOUT_S = 180.0  # a cold worker imports torch + transformers + sympy on 2 shared cores
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two threads on two busy cores make torch many times slower than one; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass(frozen=True)

@@ -19,22 +19,14 @@ from optuna.trial import TrialState
 from lit_sft import storage as storage_mod
 from lit_sft import training, tuning
 from lit_sft.search_space import load_search_space
-from tests.helpers import small_cfg
+from tests.helpers import study_cfg
 from tests.test_workers import SPACE, sqlite_url, tune_argv, tune_env
 
 GOOD = {"learning_rate": 3e-2, "batch_size": 8, "weight_decay": 0.0}
 
 
 def _cfg(model_path: str, tmp_path: Path, study: dict[str, Any] | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
-    space = tmp_path / "space.yaml"
-    space.write_text(SPACE)
-    cfg = small_cfg(model_path, tmp_path, trainer={"max_steps": 6, "val_check_interval": 2}, **sections)
-    cfg["study"] = {
-        "n_trials": 2, "name": "resume", "results_dir": str(tmp_path / "results"), "search_space": str(space),
-        "plots": False, "save_best_model": False, "heartbeat_interval_s": None,
-        "sampler": {"n_startup_trials": 2}, "pruner": {"enabled": False}, **(study or {}),
-    }
-    return cfg
+    return study_cfg(model_path, tmp_path, SPACE, "resume", study, **sections)
 
 
 def _study(cfg: dict[str, Any]) -> optuna.Study:

@@ -16,7 +16,7 @@ import tune as tune_cli
 from lit_sft import training, tuning, weights
 from lit_sft.cli import run_cli
 from lit_sft.errors import UserError
-from tests.helpers import small_cfg
+from tests.helpers import study_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = """\
@@ -29,16 +29,7 @@ SLOW = {"learning_rate": 1e-4, "batch_size": 8, "weight_decay": 0.0}
 
 
 def _cfg(model_path: str, tmp_path: Path, study: dict[str, Any] | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
-    """6 steps per trial, an evaluation every 2 (at 16, 32, 48 examples with batch 8)."""
-    space = tmp_path / "space.yaml"
-    space.write_text(SPACE)
-    cfg = small_cfg(model_path, tmp_path, trainer={"max_steps": 6, "val_check_interval": 2}, **sections)
-    cfg["study"] = {
-        "n_trials": 2, "name": "test", "results_dir": str(tmp_path / "results"), "search_space": str(space),
-        "plots": False, "save_best_model": False, "heartbeat_interval_s": None,
-        "sampler": {"n_startup_trials": 2}, "pruner": {"enabled": False}, **(study or {}),
-    }
-    return cfg
+    return study_cfg(model_path, tmp_path, SPACE, "test", study, **sections)
 
 
 def _load(cfg: dict[str, Any]) -> optuna.Study:
