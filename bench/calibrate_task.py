@@ -95,18 +95,10 @@ class Recipe:
 
 
 def lr_factor(recipe: Recipe, total: int):
-    """Linear warmup, then cosine down to min_lr_ratio: the shape SFTModule uses."""
-    warmup = int(recipe.warmup_ratio * total)
+    """The schedule SFTModule uses (warmup, then decay to min_lr_ratio)."""
+    from lit_sft.module import lr_lambda
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if recipe.schedule == "constant":
-            return 1.0
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+    return lr_lambda(total, recipe.warmup_ratio, recipe.schedule, recipe.min_lr_ratio)
 
 
 def train(model, batches: list[dict[str, torch.Tensor]], lr: float, recipe: Recipe, log_every: int = 0) -> tuple[float, float]:

@@ -26,6 +26,22 @@ def _checkpointing_on(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
+def lr_lambda(total: int, warmup_ratio: float, lr_schedule: str, min_lr_ratio: float):
+    """Learning-rate factor per step: linear warmup from 0, then decay to `min_lr_ratio`."""
+    warmup = int(warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if lr_schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if lr_schedule == "cosine" else 1 - progress
+        return min_lr_ratio + (1 - min_lr_ratio) * shape
+
+    return factor
+
+
 class SFTModule(LightningModule):
     """Causal-LM SFT with AdamW, warmup then decay, gradient clipping.
 
@@ -170,18 +186,7 @@ class SFTModule(LightningModule):
 
     def _lr_lambda(self, total: int):
         hp = self.hparams
-        warmup = int(hp.warmup_ratio * total)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if hp.lr_schedule == "constant":
-                return 1.0
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            shape = 0.5 * (1 + math.cos(math.pi * progress)) if hp.lr_schedule == "cosine" else 1 - progress
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * shape
-
-        return factor
+        return lr_lambda(total, hp.warmup_ratio, hp.lr_schedule, hp.min_lr_ratio)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Callback
+
 
 def small_cfg(model_path: str, tmp_path, **sections: dict[str, Any]) -> dict[str, Any]:
     cfg: dict[str, Any] = {
@@ -31,3 +33,14 @@ def study_cfg(model_path: str, tmp_path: Path, space: str, name: str, study: dic
         "sampler": {"n_startup_trials": 2}, "pruner": {"enabled": False}, **(study or {}),
     }
     return cfg
+
+
+class RaiseAtSecondBatch(Callback):
+    """Raises `error` as the second training batch starts: a crash or Ctrl-C mid-trial."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            raise self.error

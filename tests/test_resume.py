@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from lit_sft import storage as storage_mod
 from lit_sft import training, tuning
 from lit_sft.search_space import load_search_space
-from tests.helpers import study_cfg
+from tests.helpers import RaiseAtSecondBatch, study_cfg
 from tests.test_workers import SPACE, sqlite_url, tune_argv, tune_env
 
 GOOD = {"learning_rate": 3e-2, "batch_size": 8, "weight_decay": 0.0}
@@ -131,13 +131,6 @@ def test_a_stale_trial_of_another_machine_is_retried_after_its_heartbeat_stops(t
 # ---- Ctrl-C, then the same command --------------------------------------------------------------
 
 
-class Raise(Callback):
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == 1:
-            raise self.error
 
 
 def test_an_interrupted_trial_is_retried_with_its_parameters_by_the_next_run(tiny_model_path, tmp_path, monkeypatch):
@@ -145,7 +138,7 @@ def test_an_interrupted_trial_is_retried_with_its_parameters_by_the_next_run(tin
     with monkeypatch.context() as patch:
         def interrupt_trial_1(cfg, **kwargs):
             if kwargs["callbacks"][0].trial.number == 1:
-                kwargs["callbacks"] = [*kwargs["callbacks"], Raise(KeyboardInterrupt())]
+                kwargs["callbacks"] = [*kwargs["callbacks"], RaiseAtSecondBatch(KeyboardInterrupt())]
             return real(cfg, **kwargs)
 
         patch.setattr(tuning, "train", interrupt_trial_1)

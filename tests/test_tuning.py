@@ -16,7 +16,7 @@ import tune as tune_cli
 from lit_sft import training, tuning, weights
 from lit_sft.cli import run_cli
 from lit_sft.errors import UserError
-from tests.helpers import study_cfg
+from tests.helpers import RaiseAtSecondBatch, study_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = """\
@@ -190,18 +190,11 @@ def test_every_trial_starts_from_the_initial_weights_of_one_load(tiny_model_path
 # ---- failures ---------------------------------------------------------------------------------
 
 
-class Raise(Callback):
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == 1:
-            raise self.error
 
 
 def test_failures_are_recorded_and_the_study_goes_on(tiny_model_path, tmp_path, monkeypatch, capsys):
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    _wrap_train(monkeypatch, {0: [Raise(RuntimeError("boom"))], 1: [Raise(oom)]})
+    _wrap_train(monkeypatch, {0: [RaiseAtSecondBatch(RuntimeError("boom"))], 1: [RaiseAtSecondBatch(oom)]})
     freed = []
     monkeypatch.setattr(tuning.gc, "collect", lambda *a: freed.append(1) or 0)
     cfg = _cfg(tiny_model_path, tmp_path, study={"n_trials": 3})
@@ -223,7 +216,7 @@ def test_failures_are_recorded_and_the_study_goes_on(tiny_model_path, tmp_path, 
 
 def test_a_user_error_stops_the_study_at_once(tiny_model_path, tmp_path, monkeypatch):
     bad = UserError("data.batch_size=16 is larger than the 12 training records")
-    _wrap_train(monkeypatch, {0: [Raise(bad)]})
+    _wrap_train(monkeypatch, {0: [RaiseAtSecondBatch(bad)]})
     cfg = _cfg(tiny_model_path, tmp_path, study={"n_trials": 5})
     with pytest.raises(UserError, match="larger than"):
         tuning.tune(cfg)
@@ -235,7 +228,7 @@ def test_a_user_error_stops_the_study_at_once(tiny_model_path, tmp_path, monkeyp
 def test_ctrl_c_in_a_trial_fails_it_and_writes_the_report(tiny_model_path, tmp_path, monkeypatch):
     import signal
 
-    _wrap_train(monkeypatch, {1: [Raise(KeyboardInterrupt())]})
+    _wrap_train(monkeypatch, {1: [RaiseAtSecondBatch(KeyboardInterrupt())]})
     cfg = _cfg(tiny_model_path, tmp_path, study={"n_trials": 3})
     try:
         # Lightning shuts the fit down and calls sys.exit(1); the study must still end cleanly.
