@@ -181,12 +181,19 @@ def serve(backend: Any, spec: WorkerSpec, jobs: Any, results: Any) -> None:
         results.send({"kind": "result", "result": evaluate(backend, spec, job)})
 
 
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def main(spec: WorkerSpec, jobs: Any, results: Any) -> None:
     """Process entry point (the spawn target); `results` is the write end of a Pipe."""
     # Ctrl-C reaches the whole process group; the training process decides how to shut down
     # and stops us itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_parent(spec.parent_pid)
+    # Started from rank 0 of a DDP trial, we inherit its rank variables; vLLM and torch would
+    # read them as ours and try to join that process group.
+    for name in DISTRIBUTED_ENV:
+        os.environ.pop(name, None)
     start = time.perf_counter()
     try:
         from transformers.utils import logging as hf_logging
