@@ -137,8 +137,10 @@ class SFTModule(LightningModule):
         self.examples_seen += int(self._global_sum(sum(int(mb["num_examples"]) for mb in batch)))
         loss = total_nll / max(local_tokens, 1)
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=1)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, batch_size=1)
-        self.log("trainer/examples_seen", float(self.examples_seen), on_step=True, batch_size=1)
+        if self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            # Only the logged steps reach the loggers; skipping the others saves ~1 ms a step.
+            self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, batch_size=1)
+            self.log("trainer/examples_seen", float(self.examples_seen), on_step=True, batch_size=1)
         return loss
 
     def _scaler(self) -> Any:
