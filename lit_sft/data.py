@@ -155,7 +155,8 @@ class SFTDataModule(LightningDataModule):
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
 
-    def _tokenize(self, examples: list[Example]) -> list[dict[str, Any]]:
+    def _tokenize(self, examples: list[Example], stats: TokenStats) -> list[dict[str, Any]]:
+        """Token ids with the prompt masked; what truncation did is counted into `stats`."""
         hp, tok = self.hparams, self.tokenizer
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         prompts = tok([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
@@ -176,14 +177,14 @@ class SFTDataModule(LightningDataModule):
                         f"{hp.max_length} (set data.truncation to 'truncate' or 'drop')"
                     )
                 if hp.truncation == "drop":
-                    self.stats.dropped += 1
+                    stats.dropped += 1
                     continue
-                self.stats.truncated += 1
+                stats.truncated += 1
                 response = response[: len(response) - overflow]
             ids = prompt + response
-            self.stats.lengths.append(len(ids))
+            stats.lengths.append(len(ids))
             out.append({"input_ids": ids, "labels": [IGNORE] * len(prompt) + response})
-        self.stats.examples = len(out)
+        stats.examples = len(out)
         return out
 
     # ---- Lightning hooks ---------------------------------------------------------------------
@@ -208,7 +209,7 @@ class SFTDataModule(LightningDataModule):
         examples = self._examples()
         if hp.filter_correct:
             examples = self._filter_correct(examples)
-        records = self._tokenize(examples)
+        records = self._tokenize(examples, self.stats)
         if self.stats.truncated or self.stats.dropped:
             log.warning(
                 "data: %d of %d records longer than data.max_length=%d were %s",
@@ -220,10 +221,7 @@ class SFTDataModule(LightningDataModule):
             from lit_sft.synthetic import make_sft_records
 
             held_out = [Example(r["prompt"], r["response"], r["ground_truth"]) for r in make_sft_records(hp.eval_size, hp.seed, split="validation")]
-            eval_stats, self.stats = self.stats, TokenStats()
-            eval_set = self._tokenize(held_out)
-            self.stats = eval_stats
-            return records, eval_set, self.stats
+            return records, self._tokenize(held_out, TokenStats()), self.stats
         order = list(range(len(records)))
         random.Random(hp.seed).shuffle(order)
         n_eval = min(hp.eval_size, int(len(records) * hp.eval_max_fraction))

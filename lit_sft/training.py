@@ -17,6 +17,7 @@ from callbacks.history import History
 from lit_sft.config import apply_budget, complete
 from lit_sft.available import has_module
 from lit_sft.data import SFTDataModule
+from lit_sft.evaluator.launch import start_evaluator
 from lit_sft.module import SFTModule
 
 log = logging.getLogger(__name__)
@@ -65,15 +66,6 @@ def _callbacks(cfg: dict[str, Any], history: History) -> list[Callback]:
     if stop["enabled"]:
         out.append(EarlyStopping(monitor=stop["monitor"], mode=stop["mode"], patience=stop["patience"], min_delta=stop["min_delta"]))
     return out
-
-
-def _start_evaluator(cfg: dict[str, Any], model: SFTModule, data: SFTDataModule, trainer: Trainer):
-    from lit_sft.evaluator.client import EvaluatorClient
-    from lit_sft.evaluator.config import EvaluatorConfig
-
-    client = EvaluatorClient(model.model_path, data.validation_problems, EvaluatorConfig(**cfg["evaluator"]), train_device=str(trainer.strategy.root_device))
-    client.start()
-    return client
 
 
 def _share_cpu_with(evaluator: Any, trainer: Trainer) -> None:
@@ -153,8 +145,7 @@ def train(
     threads = torch.get_num_threads()
     try:
         if own_evaluator:
-            data.setup("fit")  # the evaluator needs the validation problems before fit starts
-            evaluator = _start_evaluator(cfg, model, data, trainer)
+            evaluator = start_evaluator(cfg)
         if evaluator is not None:
             from callbacks.checkpoint_poster import CheckpointPoster
 

@@ -42,7 +42,9 @@ from optuna.trial import FrozenTrial, TrialState
 from lit_sft import report, secrets
 from lit_sft import storage as storage_mod
 from lit_sft.config import complete
+from lit_sft.devices import trial_world_size
 from lit_sft.errors import UserError
+from lit_sft.evaluator.launch import start_evaluator
 from lit_sft.report import format_value
 from lit_sft.search_space import SearchSpace, load_search_space
 from lit_sft.study_config import PROJECT_ROOT, StudyConfig
@@ -173,26 +175,6 @@ def prepare_results_dir(study_cfg: StudyConfig) -> None:
 
 
 # ---- several processes per trial (DDP, FSDP) ------------------------------------------------
-
-
-def _count_devices(devices: Any, accelerator: str) -> int:
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    text = str(devices).strip()
-    if "," in text:
-        return len([d for d in text.split(",") if d.strip()])
-    if text in ("auto", "-1"):
-        return 1 if accelerator == "cpu" or not torch.cuda.is_available() else torch.cuda.device_count()
-    try:
-        return max(int(text), 1)
-    except ValueError:
-        return 1  # Lightning reports what it cannot parse when the trainer is built
-
-
-def trial_world_size(trainer_cfg: dict[str, Any]) -> int:
-    """Processes one trial runs on: its devices on this machine."""
-    accelerator = str(trainer_cfg.get("accelerator") or "auto")
-    return _count_devices(trainer_cfg.get("devices", 1), accelerator)
 
 
 def check_trial_layout(cfg: dict[str, Any], study_cfg: StudyConfig) -> None:
@@ -342,44 +324,6 @@ def rank_main(spec_path: str) -> int:
 
 
 # ---- the evaluator: one process for the whole study -----------------------------------------
-
-
-def _train_device(trainer_cfg: dict[str, Any]) -> str:
-    accelerator = str(trainer_cfg.get("accelerator") or "auto")
-    if accelerator == "cpu" or not torch.cuda.is_available():
-        return "cpu"
-    devices = trainer_cfg.get("devices")
-    if isinstance(devices, (list, tuple)) and devices:
-        return f"cuda:{devices[0]}"
-    return "cuda:0"
-
-
-def _evaluator_device(cfg: dict[str, Any]) -> str:
-    """evaluator.device, with `auto` kept off the GPUs of a multi-GPU trial when it can be."""
-    device = str(cfg["evaluator"]["device"])
-    world = trial_world_size(cfg["trainer"])
-    if device != "auto" or world <= 1 or _train_device(cfg["trainer"]) == "cpu":
-        return device
-    devices = cfg["trainer"].get("devices")
-    used = {int(d) for d in devices} if isinstance(devices, (list, tuple)) else set(range(world))
-    free = [i for i in range(torch.cuda.device_count()) if i not in used]
-    return f"cuda:{free[0]}" if free else f"cuda:{min(used)}"
-
-
-def start_evaluator(cfg: dict[str, Any]):
-    """The study's EvaluatorClient, started (it loads the model once for every trial), or None."""
-    if not cfg["evaluator"]["enabled"]:
-        return None
-    from lit_sft.data import SFTDataModule
-    from lit_sft.evaluator.client import EvaluatorClient
-    from lit_sft.evaluator.config import EvaluatorConfig
-
-    # validation_problems is computed without tokenizing the training data.
-    problems = SFTDataModule(**cfg["data"]).validation_problems
-    config = EvaluatorConfig(**{**cfg["evaluator"], "device": _evaluator_device(cfg)})
-    client = EvaluatorClient(cfg["model"]["model_name_or_path"], problems, config, train_device=_train_device(cfg["trainer"]))
-    client.start()
-    return client
 
 
 # ---- one trial ------------------------------------------------------------------------------
