@@ -28,7 +28,8 @@ if str(ROOT) not in sys.path:
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 
 from lit_sft.data import SFTDataModule  # noqa: E402
-from lit_sft.packing import IGNORE_INDEX, model_inputs, token_nll_sum  # noqa: E402
+from lit_sft.loss import causal_lm_nll_sum  # noqa: E402
+from lit_sft.packing import IGNORE_INDEX  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 SFT_LENGTHS = BENCH_DIR / "sft_lengths.json"
@@ -182,7 +183,7 @@ class PlainLoop:
         for micro in micro_batches:
             micro = to_device(micro, self.device)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-                nll, _ = token_nll_sum(self.model(**model_inputs(micro)).logits, micro["labels"])
+                nll, _ = causal_lm_nll_sum(self.model, micro)
             (nll * scale).backward()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)

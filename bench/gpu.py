@@ -56,7 +56,8 @@ from bench.common import (  # noqa: E402
     records_from_lengths,
     to_device,
 )
-from lit_sft.packing import model_inputs, pack_collate, pad_collate, token_nll_sum  # noqa: E402
+from lit_sft.loss import causal_lm_nll_sum, head_nll_sum  # noqa: E402
+from lit_sft.packing import model_inputs, pack_collate, pad_collate  # noqa: E402
 
 QWEN25_15B = {
     # Qwen2.5-1.5B / Qwen2.5-Math-1.5B as published.
@@ -83,12 +84,16 @@ class TrainConfig:
     micro_batch: int
     checkpointing: bool = False
     compile: bool = False
+    full_logits: bool = False
+    """The model's own forward (logits at every position, padding included) instead of
+    SFTModule's logits at target positions only (lit_sft.loss)."""
 
     @property
     def name(self) -> str:
         parts = ["packed" if self.packing else "padded", f"mb{self.micro_batch}"]
         parts += ["ckpt"] if self.checkpointing else []
         parts += ["compile"] if self.compile else []
+        parts += ["full-logits"] if self.full_logits else []
         return " ".join(parts)
 
 
@@ -122,12 +127,14 @@ def gpu_plan() -> Plan:
     eager = [
         TrainConfig(False, 8), TrainConfig(True, 8),
         TrainConfig(False, 16), TrainConfig(True, 16),
-        TrainConfig(False, 32), TrainConfig(True, 32),
+        TrainConfig(False, 32), TrainConfig(False, 32, full_logits=True), TrainConfig(True, 32),
+        TrainConfig(False, 64),
         TrainConfig(False, 8, checkpointing=True),  # the reference config (configs/qwen2.5-math-1.5b)
         TrainConfig(True, 32, checkpointing=True),
     ]
     # Compiled runs last: nothing undoes a compile, and each pays its warm-up.
-    compiled = [TrainConfig(True, 32, compile=True), TrainConfig(False, 16, compile=True), TrainConfig(True, 32, checkpointing=True, compile=True)]
+    compiled = [TrainConfig(False, 32, compile=True), TrainConfig(True, 32, compile=True), TrainConfig(False, 64, compile=True),
+                TrainConfig(True, 32, checkpointing=True, compile=True)]
     return Plan(
         model=QWEN25_15B, dtype=torch.bfloat16, length_scale=1.0, global_batch=64, max_length=2048,
         configs=eager + compiled, warmup_steps=2, measure_steps=6, measure_s=10.0, compile_warmup_steps=3, config_budget_s=20, compile_budget_s=60,
@@ -141,7 +148,8 @@ def gpu_plan() -> Plan:
 def tiny_plan() -> Plan:
     return Plan(
         model=TINY, dtype=torch.float32, length_scale=0.25, global_batch=16, max_length=512,
-        configs=[TrainConfig(False, 4), TrainConfig(True, 4), TrainConfig(False, 8), TrainConfig(True, 8, checkpointing=True), TrainConfig(True, 8, compile=True)],
+        configs=[TrainConfig(False, 4), TrainConfig(True, 4), TrainConfig(False, 8), TrainConfig(False, 8, full_logits=True),
+                 TrainConfig(True, 8, checkpointing=True), TrainConfig(True, 8, compile=True)],
         warmup_steps=1, measure_steps=2, measure_s=5.0, compile_warmup_steps=2, config_budget_s=10, compile_budget_s=60,
         matmul_n=256, matmul_s=0.5,
         overhead={"batch_size": 16, "micro_batch_size": 8, "gradient_checkpointing": False, "warmup": 1, "rounds": 2, "block": 1},
@@ -315,12 +323,13 @@ def make_steps(state: State, config: TrainConfig, records: list[dict[str, Any]],
         yield batches, [len(r["input_ids"]) for r in rows]
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]], device: torch.device) -> None:
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]], device: torch.device,
+               full_logits: bool = False) -> None:
     """One optimizer step the way SFTModule takes it (token-weighted accumulation, clip)."""
     scale = 1.0 / max(sum(mb["num_target_tokens"] for mb in micro_batches), 1)
     for micro in micro_batches:
         micro = to_device(micro, device)
-        nll, _ = token_nll_sum(model(**model_inputs(micro)).logits, micro["labels"])
+        nll, _ = causal_lm_nll_sum(model, micro, targets_only=False if full_logits else None)
         (nll * scale).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -352,12 +361,12 @@ def measure_config(state: State, model: torch.nn.Module, optimizer: torch.optim.
         torch.cuda.reset_peak_memory_stats(device)
     start = now(device)
     for _ in range(warmup):
-        train_step(model, optimizer, next(steps)[0], device)
+        train_step(model, optimizer, next(steps)[0], device, config.full_logits)
     warm_s = now(device) - start
     tokens = flops = measured = slots = 0
     start = now(device)
     for micro_batches, lengths in steps:
-        train_step(model, optimizer, micro_batches, device)
+        train_step(model, optimizer, micro_batches, device, config.full_logits)
         measured += 1
         tokens += sum(lengths)
         slots += sum(mb["input_ids"].numel() for mb in micro_batches)
@@ -386,20 +395,20 @@ def measure_config(state: State, model: torch.nn.Module, optimizer: torch.optim.
 
 def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
     """train_step with the device synchronized around each phase: where a step's time goes."""
-    phases = dict.fromkeys(("to_device", "forward", "loss", "backward", "optimizer"), 0.0)
+    phases = dict.fromkeys(("to_device", "decoder", "head_and_loss", "backward", "optimizer"), 0.0)
     cpu_start, wall_start = time.process_time(), now(device)
     scale = 1.0 / max(sum(mb["num_target_tokens"] for mb in micro_batches), 1)
     for micro in micro_batches:
         t0 = now(device)
         micro = to_device(micro, device)
         t1 = now(device)
-        logits = model(**model_inputs(micro)).logits
+        hidden = model.base_model(**model_inputs(micro)).last_hidden_state
         t2 = now(device)
-        nll, _ = token_nll_sum(logits, micro["labels"])
+        nll, _ = head_nll_sum(hidden, model.get_output_embeddings(), micro["labels"])
         t3 = now(device)
         (nll * scale).backward()
         t4 = now(device)
-        del logits, nll
+        del hidden, nll
         for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             phases[name] += seconds
     t5 = now(device)
@@ -649,7 +658,7 @@ def table(results: dict[str, Any]) -> str:
     prof = results.get("profile", {})
     for name, ph in prof.get("phases", {}).items():
         lines.append(
-            f"profile {name}: wall {ph['wall']:.3f} s = fwd {ph['forward']:.3f} + loss {ph['loss']:.3f} + bwd {ph['backward']:.3f} "
+            f"profile {name}: wall {ph['wall']:.3f} s = decoder {ph['decoder']:.3f} + head+loss {ph['head_and_loss']:.3f} + bwd {ph['backward']:.3f} "
             f"+ opt {ph['optimizer']:.3f} + h2d {ph['to_device']:.3f}; CPU process time {ph['cpu_process']:.3f} s"
         )
     if "profiled_kernel_s" in prof:

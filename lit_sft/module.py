@@ -13,11 +13,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lit_sft.packing import token_nll_sum
+from lit_sft.loss import causal_lm_nll_sum
 from lit_sft.weights import load_causal_lm, resolve_model_path
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
 
 def _checkpointing_on(model: torch.nn.Module) -> bool:
     # transformers 5 renamed is_gradient_checkpointing; ask the new name first (no warning).
@@ -98,9 +95,7 @@ class SFTModule(LightningModule):
 
     def _common_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL over the batch's target tokens, and their count."""
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        logits = self.model(**inputs, use_cache=False).logits
-        return token_nll_sum(logits, batch["labels"])
+        return causal_lm_nll_sum(self.model, batch)
 
     def _global_sum(self, value: float) -> float:
         if self.trainer.world_size == 1 or not dist.is_initialized():

@@ -5,10 +5,10 @@ tokens). Both collates return `num_examples` and `num_target_tokens` beside the 
 step split into micro-batches can weight each one by its exact share of the step's targets.
 
 Label convention: `labels[i]` is the target predicted from position `i - 1` (HF shifts inside
-its loss, and `token_nll_sum` does the same). Nothing precedes an example's first token, so
+its loss, and lit_sft.loss does the same). Nothing precedes an example's first token, so
 both collates set each example's first label to -100. That is what keeps a packed row from
 training token 0 of one example on the last token of the one before it, and it makes
-`num_target_tokens` exactly the count `token_nll_sum` returns.
+`num_target_tokens` exactly the count lit_sft.loss returns.
 
 Packed rows carry `position_ids` restarting at 0 at each example and no `attention_mask`.
 transformers (5.x, `masking_utils._preprocess_mask_arguments`) then detects the packing from the
@@ -34,7 +34,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -130,7 +129,7 @@ def pack_collate(
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     """The forward() arguments for a collated batch: its tensors, and use_cache=False.
 
-    Labels are left out: the loss is `token_nll_sum`'s, not the model's mean loss.
+    Labels are left out: the loss is lit_sft.loss's summed NLL, not the model's mean loss.
     use_cache=False is required, not an optimization: with the config default (True) the
     model builds a DynamicCache even in train mode, and transformers skips packed-sequence
     detection whenever a cache exists, so packed examples silently attend to each other
@@ -140,22 +139,3 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     inputs: dict[str, Any] = {k: batch[k] for k in keys if k in batch}
     inputs["use_cache"] = False
     return inputs
-
-
-def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over target tokens, and their count.
-
-    logits [..., T, V] at position i score the token at i + 1, so labels are shifted left by
-    one (as in HF's ForCausalLMLoss). Only target positions are gathered before the float32
-    upcast: with a 150k vocabulary the full upcast logits would dominate activation memory.
-    The boolean selection syncs with the device once per call; the count is then free.
-    """
-    shift_labels = labels[..., 1:]
-    targets = shift_labels != IGNORE_INDEX
-    picked = logits[..., :-1, :][targets]
-    count = int(picked.shape[0])
-    if count == 0:
-        # A zero that still depends on the logits, so backward works on an all-prompt batch.
-        return logits.sum().float() * 0.0, 0
-    nll = F.cross_entropy(picked.float(), shift_labels[targets], reduction="sum")
-    return nll, count

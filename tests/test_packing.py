@@ -6,13 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_sft.packing import (
-    IGNORE_INDEX,
-    model_inputs,
-    pack_collate,
-    pad_collate,
-    token_nll_sum,
-)
+from lit_sft.loss import token_nll_sum
+from lit_sft.packing import IGNORE_INDEX, model_inputs, pack_collate, pad_collate
 
 VOCAB = 128
 PAD_ID = 0
