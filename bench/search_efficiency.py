@@ -12,9 +12,10 @@ own temporary results folder and SQLite storage, W&B and plots off; the numbers 
 from the storage afterwards. Both run the training defaults, early stopping included.
 
 Budget: configs/tune.yaml gives every trial 20000 examples (any batch size), evaluates every
-2000 and puts ASHA's first rung at 4000 (the 2nd evaluation). Too long for 48 trials on 2 CPU
-cores, so the bench scales all three down together (default 5120 / 512 / 1024: the same rungs
-relative to a trial), keeping the rest of the study as it is. `--max-steps` switches to a step
+2000 and puts ASHA's first rung at 4000 (the 2nd evaluation). Too long for 72 trials (3 seeds x
+2 methods x 12 trials, the config's count) on 2 CPU cores, so the bench scales all three down
+together (default 5120 / 512 / 1024: the same rungs relative to a trial), keeping the rest of the
+study as it is. `--max-steps` switches to a step
 budget instead.
 
 How random search is obtained: the tuner always builds its (trial-seeded) TPESampler, and a TPE
@@ -42,7 +43,7 @@ Accuracy: each trial stores the evaluator's eval/accuracy at its best eval/loss 
 (user attr `accuracy`); "best acc" is the highest of a study's trials, "acc@best" that of the
 trial with the best eval/loss (the one the study would hand over).
 
-    python bench/search_efficiency.py [--seeds 3] [--n-trials 8] [--examples 5120] [--quick]
+    python bench/search_efficiency.py [--seeds 3] [--n-trials 12] [--examples 5120] [--quick]
 
 The last line is `examples_ratio: X`: the sum over seeds of TPE+ASHA's examples to the target
 over the sum of random search's (ratio of sums; the geometric mean of per-seed ratios is printed
@@ -323,7 +324,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=None, help="repetitions (default 3; --quick: 1)")
     parser.add_argument("--first-seed", type=int, default=0, help=f"seed of the first repetition; then +{SEED_STRIDE} each")
-    parser.add_argument("--n-trials", type=int, default=None, help="trials per study, the same for both methods (default 8; --quick: 3)")
+    parser.add_argument("--n-trials", type=int, default=None, help="trials per study, the same for both methods (default 12, as configs/tune.yaml; --quick: 3)")
     parser.add_argument("--examples", type=int, default=None,
                         help="budget.examples: examples per trial, any batch size (default 5120, a quarter of configs/tune.yaml's "
                              "20000; --quick: 640)")
@@ -341,6 +342,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=None, help="where the studies' folders go (default: a new temporary folder)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: report the studies already in --workdir (same seeds and --n-trials)")
+    parser.add_argument("--random-from", default=None, metavar="DIR",
+                        help="read the random-search studies from an earlier run's --workdir instead of running them "
+                             "(same seeds, --n-trials and budget: random search does not depend on --tpe-asha-args)")
     parser.add_argument("--keep", action="store_true", help="keep the studies' folders (always kept when a study failed)")
     parser.add_argument("--json", default=None, help="also write the summary here")
     parser.add_argument("--tpe-asha-args", default="",
@@ -349,7 +353,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     args.seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
-    args.n_trials = args.n_trials if args.n_trials is not None else (3 if quick else 8)
+    args.n_trials = args.n_trials if args.n_trials is not None else (3 if quick else 12)
     args.examples = args.examples if args.examples is not None else (640 if quick else 5120)
     args.eval_every_examples = args.eval_every_examples or max(1, args.examples // 10)
     args.min_resource = args.min_resource or 2 * args.eval_every_examples
@@ -388,11 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, StudyRun] = {}
         for method in ("random", "tpe_asha"):
             name = f"se-{method}-s{seed}"
-            results_dir = work / name
+            folder = Path(args.random_from) if method == "random" and args.random_from else work
+            results_dir = folder / name
             results_dir.mkdir(parents=True, exist_ok=True)
-            run = StudyRun(method, seed, name, results_dir, work / f"{name}.log")
-            wall_file = work / f"{name}.wall_s"
-            if args.report_only:
+            run = StudyRun(method, seed, name, results_dir, folder / f"{name}.log")
+            wall_file = folder / f"{name}.wall_s"
+            if args.report_only or folder != work:
                 run.wall_s = float(wall_file.read_text()) if wall_file.exists() else None
             else:
                 run_study(run, study_overrides(method, seed, args, results_dir, name))

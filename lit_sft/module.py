@@ -13,6 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lit_sft.errors import UserError
 from lit_sft.loss import causal_lm_nll_sum
 from lit_sft.weights import load_causal_lm, resolve_model_path
 
@@ -60,6 +61,7 @@ class SFTModule(LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         gradient_clip_val: float | None = 1.0,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -72,6 +74,9 @@ class SFTModule(LightningModule):
             betas: AdamW betas.
             gradient_clip_val: Clip the global gradient norm to this; None disables clipping.
             gradient_checkpointing: Recompute activations in backward to save memory.
+            compile: torch.compile each decoder layer (regional: all layers share one graph, so
+                one short warm-up per process; dynamic shapes, since every batch has its own
+                length). H200, Qwen2.5-1.5B shape: 1.55x the tokens/s of eager (docs/BENCHMARKS.md).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -81,6 +86,7 @@ class SFTModule(LightningModule):
         # bf16 compute comes from the trainer's bf16-mixed precision.
         self.model = load_causal_lm(self.model_path, dtype=torch.float32)
         self._set_gradient_checkpointing(gradient_checkpointing)
+        self._set_compile(compile)
         self.examples_seen = 0
         """Examples trained on so far, over all ranks: the x axis that compares batch sizes."""
         self.eval_loss = MeanMetric()
@@ -92,6 +98,20 @@ class SFTModule(LightningModule):
             self.model.config.use_cache = False
         elif _checkpointing_on(self.model):
             self.model.gradient_checkpointing_disable()
+
+    def _set_compile(self, enabled: bool) -> None:
+        # Shared model again: a trial without compile must not inherit the last trial's.
+        # nn.Module.compile keeps the compiled forward in _compiled_call_impl; None = eager.
+        layers = getattr(self.model.base_model, "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList):
+            if enabled:
+                raise UserError(f"model.compile: no decoder layers to compile in {type(self.model).__name__} (looked for base_model.layers)")
+            return
+        for layer in layers:
+            if enabled and layer._compiled_call_impl is None:
+                layer.compile(dynamic=True)
+            elif not enabled:
+                layer._compiled_call_impl = None
 
     def _common_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL over the batch's target tokens, and their count."""

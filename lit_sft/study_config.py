@@ -43,6 +43,9 @@ class PrunerConfig:
     trials reaching a rung go on past it."""
     min_early_stopping_rate: int = 0
     """Skip this many rungs before the first pruning decision."""
+    tolerance: float = 0.0
+    """A trial within this fraction of a rung's promotion cutoff counts as tied with it and goes
+    on (lit_sft/pruner.py). 0 = Optuna's SuccessiveHalvingPruner exactly."""
 
 
 @dataclass
@@ -137,6 +140,8 @@ class StudyConfig:
             problems.append(f"study.pruner.min_resource must be >= 1 or null, got {self.pruner.min_resource}")
         if self.pruner.reduction_factor < 2:
             problems.append(f"study.pruner.reduction_factor must be >= 2, got {self.pruner.reduction_factor}")
+        if not 0.0 <= self.pruner.tolerance < 1.0:
+            problems.append(f"study.pruner.tolerance must be in [0, 1), got {self.pruner.tolerance}")
         if self.pruner.min_early_stopping_rate < 0:
             problems.append(f"study.pruner.min_early_stopping_rate must be >= 0, got {self.pruner.min_early_stopping_rate}")
         if problems:

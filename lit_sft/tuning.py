@@ -46,6 +46,7 @@ from lit_sft.devices import trial_world_size
 from lit_sft.errors import UserError
 from lit_sft.evaluator.launch import start_evaluator
 from lit_sft.report import format_value
+from lit_sft.pruner import TolerantSuccessiveHalvingPruner
 from lit_sft.search_space import SearchSpace, load_search_space
 from lit_sft.study_config import PROJECT_ROOT, StudyConfig
 from lit_sft.training import save_pretrained, train
@@ -132,10 +133,11 @@ def make_pruner(study_cfg: StudyConfig, cfg: dict[str, Any], space: SearchSpace)
     p = study_cfg.pruner
     if not p.enabled:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.SuccessiveHalvingPruner(
+    return TolerantSuccessiveHalvingPruner(
         min_resource=p.min_resource or default_min_resource(cfg, space),
         reduction_factor=p.reduction_factor,
         min_early_stopping_rate=p.min_early_stopping_rate,
+        tolerance=p.tolerance,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
@@ -112,3 +113,28 @@ def test_no_weight_decay_on_biases_and_norms(tiny_model_path):
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
     for name, p in module.model.named_parameters():
         assert (id(p) in decayed) == (p.ndim >= 2), name
+
+
+@pytest.mark.slow  # ~25 s: inductor compiles a forward and a backward on the CPU
+def test_compile_gives_the_eager_loss_and_gradients_and_is_undone_for_the_next_run(tiny_model_path):
+    data = _data(tiny_model_path)
+    (batch,) = data.collate_step(data.train_set[:4])
+
+    def loss_and_grad_norm(module: SFTModule) -> tuple[torch.Tensor, int, torch.Tensor]:
+        module.model.zero_grad(set_to_none=True)
+        nll, count = module._common_step(batch)
+        nll.backward()
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.model.parameters() if p.grad is not None]))
+        module.model.zero_grad(set_to_none=True)
+        return nll.detach(), count, norm
+
+    expected, count, expected_norm = loss_and_grad_norm(SFTModule(tiny_model_path))
+    compiled = SFTModule(tiny_model_path, compile=True)
+    layers = compiled.model.base_model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    got, got_count, got_norm = loss_and_grad_norm(compiled)
+    assert got_count == count > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_norm, expected_norm, rtol=1e-3, atol=1e-5)
+    SFTModule(tiny_model_path, compile=False)  # the cached model is shared: the next run is eager again
+    assert all(layer._compiled_call_impl is None for layer in layers)
