@@ -69,3 +69,26 @@ def test_table_and_random_overrides(tmp_path):
     assert random[random.index("--study.pruner.enabled") + 1] == "false"
     tpe = se.study_overrides("tpe_asha", 0, args, tmp_path, "n")
     assert "--study.sampler.n_startup_trials" not in tpe and "--study.pruner.enabled" not in tpe
+
+
+def _load_replay():
+    path = _PATH.with_name("pruner_replay.py")
+    spec = importlib.util.spec_from_file_location("pruner_replay", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pruner_replay_cuts_curves_where_asha_prunes():
+    replay = _load_replay()
+    fast = [(512, 0.86), (1024, 0.752), (2048, 0.30), (3072, 0.24)]
+    slow = [(512, 1.11), (1024, 0.7555), (2048, 0.25), (3072, 0.20)]
+    strict = replay.replay([fast, slow], replay.Setting(min_resource=1024, reduction_factor=3, tolerance=0.0))
+    assert [t.state for t in strict] == ["COMPLETE", "PRUNED"] and strict[1].curve == slow[:2]
+    tolerant = replay.replay([fast, slow], replay.Setting(min_resource=1024, reduction_factor=3, tolerance=0.05))
+    assert [t.state for t in tolerant] == ["COMPLETE", "COMPLETE"]
+    # Random search reaches the best (0.20) at 3072 + 3072; strict ASHA never does, tolerant ASHA with random's count.
+    pool = [fast, slow]
+    assert replay.measure(pool, replay.Setting(1024, 3, 0.05), n_trials=2, draws=20)["kept"] == 1.0
+    assert replay.measure(pool, replay.Setting(1024, 3, 0.0), n_trials=2, draws=20)["kept"] < 1.0
