@@ -138,7 +138,9 @@ def gpu_plan() -> Plan:
         configs=eager + compiled, warmup_steps=2, measure_steps=6, measure_s=10.0, compile_warmup_steps=3, config_budget_s=20, compile_budget_s=60,
         matmul_n=8192, matmul_s=3.0,
         overhead={"batch_size": 64, "micro_batch_size": 8, "gradient_checkpointing": True, "warmup": 1, "rounds": 4, "block": 1},
-        eval_prompts=500, eval_new_tokens=256, eval_batch=64,
+        # Batches of 64 did not finish 500 prompts in 85 s (2026-11-28): a decode step of a 1.5B model
+        # costs about as much for 64 rows as for 256, so try 256 (KV cache ~3 GiB at these lengths).
+        eval_prompts=500, eval_new_tokens=256, eval_batch=256,
         caps_s={"matmul": 20, "profile": 60, "throughput": 240, "overhead": 80, "evaluator": 120},
     )
 
