@@ -57,6 +57,7 @@ from bench.common import (  # noqa: E402
     to_device,
 )
 from lit_sft.loss import causal_lm_nll_sum, head_nll_sum  # noqa: E402
+from lit_sft.module import set_activation_checkpointing  # noqa: E402
 from lit_sft.packing import model_inputs, pack_collate, pad_collate  # noqa: E402
 
 QWEN25_15B = {
@@ -336,13 +337,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     optimizer.zero_grad(set_to_none=True)
 
 
-def set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
-    if enabled:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
-
-
 def compile_layers(model: torch.nn.Module) -> None:
     """Regional compilation: each decoder layer, which all share one compiled graph, so the cold
     start is one layer's, not the whole model's; dynamic, since every batch has its own length."""
@@ -353,7 +347,7 @@ def compile_layers(model: torch.nn.Module) -> None:
 def measure_config(state: State, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, records: list[dict[str, Any]], n_params: int) -> dict[str, Any]:
     plan, device = state.plan, state.device
     cfg = model.config
-    set_checkpointing(model, config.checkpointing)
+    set_activation_checkpointing(model, config.checkpointing)
     warmup = plan.compile_warmup_steps if config.compile else plan.warmup_steps
     # One seed for every config: padded and packed runs see the same global batches.
     steps = make_steps(state, config, records, warmup + plan.measure_steps, seed=0)
@@ -496,7 +490,7 @@ def section_throughput(state: State) -> dict[str, Any]:
         rows.append(row)
         state.save()
         print("  " + json.dumps(row), flush=True)
-    set_checkpointing(model, False)
+    set_activation_checkpointing(model, False)
     del optimizer
     free_memory()
     return summary

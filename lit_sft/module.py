@@ -17,8 +17,24 @@ from lit_sft.errors import UserError
 from lit_sft.loss import causal_lm_nll_sum
 from lit_sft.weights import load_causal_lm, resolve_model_path
 
+def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn activation (gradient) checkpointing on or off, under either transformers 5 name.
+
+    transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* and warns on
+    the old names; older releases have only those.
+    """
+    new_names = hasattr(type(model), "activation_checkpointing_enable")
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if new_names:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif _checkpointing_on(model):
+        model.activation_checkpointing_disable() if new_names else model.gradient_checkpointing_disable()
+
+
 def _checkpointing_on(model: torch.nn.Module) -> bool:
-    # transformers 5 renamed is_gradient_checkpointing; ask the new name first (no warning).
     if hasattr(type(model), "is_activation_checkpointing"):
         return bool(model.is_activation_checkpointing)
     return bool(getattr(model, "is_gradient_checkpointing", False))
@@ -93,11 +109,9 @@ class SFTModule(LightningModule):
 
     def _set_gradient_checkpointing(self, enabled: bool) -> None:
         # The model object is shared across trials, so set the mode explicitly either way.
+        set_activation_checkpointing(self.model, enabled)
         if enabled:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
-        elif _checkpointing_on(self.model):
-            self.model.gradient_checkpointing_disable()
 
     def _set_compile(self, enabled: bool) -> None:
         # Shared model again: a trial without compile must not inherit the last trial's.

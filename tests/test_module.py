@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback
 
 from lit_sft.data import IGNORE, SFTDataModule
-from lit_sft.module import SFTModule
+from lit_sft.module import SFTModule, _checkpointing_on
 from lit_sft.training import train
 from lit_sft.weights import load_causal_lm, snapshot
 from tests.helpers import small_cfg
@@ -138,3 +138,22 @@ def test_compile_gives_the_eager_loss_and_gradients_and_is_undone_for_the_next_r
     torch.testing.assert_close(got_norm, expected_norm, rtol=1e-3, atol=1e-5)
     SFTModule(tiny_model_path, compile=False)  # the cached model is shared: the next run is eager again
     assert all(layer._compiled_call_impl is None for layer in layers)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_is_undone_for_the_next_run(tiny_model_path):
+    data = _data(tiny_model_path)
+    (batch,) = data.collate_step(data.train_set[:4])
+
+    def grads(module: SFTModule) -> dict[str, torch.Tensor]:
+        module.model.zero_grad(set_to_none=True)
+        module._common_step(batch)[0].backward()
+        out = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+        module.model.zero_grad(set_to_none=True)
+        return out
+
+    eager = grads(SFTModule(tiny_model_path))
+    checkpointed = SFTModule(tiny_model_path, gradient_checkpointing=True)
+    assert _checkpointing_on(checkpointed.model) and checkpointed.model.config.use_cache is False
+    for name, grad in grads(checkpointed).items():
+        torch.testing.assert_close(grad, eager[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert not _checkpointing_on(SFTModule(tiny_model_path).model)
