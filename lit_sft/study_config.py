@@ -21,8 +21,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 class SamplerConfig:
     """Optuna's TPESampler (seeded with `study.seed`)."""
 
-    n_startup_trials: int = 5
-    """Trials sampled at random before TPE starts modelling the space."""
+    n_startup_trials: int = 3
+    """Trials sampled at random before TPE starts modelling the space. On the embedded task, 3 of
+    12 found clearly better models than 5 of 12 for the same examples (docs/BENCHMARKS.md)."""
     constant_liar: bool = True
     """Treat running trials as bad so parallel workers do not all propose the same point."""
     multivariate: bool = True
