@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from lightning.pytorch import Callback
 
 
@@ -44,3 +46,36 @@ class RaiseAtSecondBatch(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == 1:
             raise self.error
+
+
+def sqlite_url(results_dir: Path) -> str:
+    """The study storage the tuner defaults to under `results_dir`."""
+    return f"sqlite:///{(Path(results_dir) / 'optuna.db').resolve()}"
+
+
+def wrap_train(monkeypatch, per_trial: dict[int, list[Callback]]) -> list[dict[str, Any]]:
+    """Run the real train() with extra callbacks for some trials; return its calls' kwargs."""
+    from lit_sft import training, tuning
+
+    real = training.train
+    calls: list[dict[str, Any]] = []
+
+    def wrapped(cfg, **kwargs):
+        number = kwargs["callbacks"][0].trial.number
+        calls.append({"number": number, "cfg": cfg, **kwargs})
+        kwargs["callbacks"] = [*kwargs["callbacks"], *per_trial.get(number, [])]
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(tuning, "train", wrapped)
+    return calls
+
+
+def tune_interrupted(cfg: dict[str, Any]) -> None:
+    """Run the study, expecting a Ctrl-C to end it (a RaiseAtSecondBatch(KeyboardInterrupt()))."""
+    from lit_sft import tuning
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tuning.tune(cfg)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning leaves Ctrl-C ignored

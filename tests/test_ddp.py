@@ -15,7 +15,8 @@ import pytest
 from optuna.trial import TrialState
 
 from lit_sft.tuning import rank_config, trial_world_size
-from tests.test_workers import sqlite_url, tune_argv, tune_env
+from tests.helpers import sqlite_url
+from tests.test_workers import tune_argv, tune_env
 
 GOOD = {"learning_rate": 3e-2, "batch_size": 8, "weight_decay": 0.0}
 SLOW = {"learning_rate": 1e-4, "batch_size": 8, "weight_decay": 0.0}

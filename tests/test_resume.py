@@ -17,10 +17,10 @@ from lightning.pytorch import Callback
 from optuna.trial import TrialState
 
 from lit_sft import storage as storage_mod
-from lit_sft import training, tuning
+from lit_sft import tuning
 from lit_sft.search_space import load_search_space
-from tests.helpers import RaiseAtSecondBatch, study_cfg
-from tests.test_workers import SPACE, sqlite_url, tune_argv, tune_env
+from tests.helpers import RaiseAtSecondBatch, sqlite_url, study_cfg, tune_interrupted, wrap_train
+from tests.test_workers import SPACE, tune_argv, tune_env
 
 GOOD = {"learning_rate": 3e-2, "batch_size": 8, "weight_decay": 0.0}
 
@@ -134,20 +134,10 @@ def test_a_stale_trial_of_another_machine_is_retried_after_its_heartbeat_stops(t
 
 
 def test_an_interrupted_trial_is_retried_with_its_parameters_by_the_next_run(tiny_model_path, tmp_path, monkeypatch):
-    real = training.train
+    cfg = _cfg(tiny_model_path, tmp_path, study={"n_trials": 3})
     with monkeypatch.context() as patch:
-        def interrupt_trial_1(cfg, **kwargs):
-            if kwargs["callbacks"][0].trial.number == 1:
-                kwargs["callbacks"] = [*kwargs["callbacks"], RaiseAtSecondBatch(KeyboardInterrupt())]
-            return real(cfg, **kwargs)
-
-        patch.setattr(tuning, "train", interrupt_trial_1)
-        cfg = _cfg(tiny_model_path, tmp_path, study={"n_trials": 3})
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                tuning.tune(cfg)
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning leaves Ctrl-C ignored
+        wrap_train(patch, {1: [RaiseAtSecondBatch(KeyboardInterrupt())]})
+        tune_interrupted(cfg)
     interrupted = _study(cfg).trials[1]
     assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["reason"] == "interrupted"
 
@@ -246,14 +236,7 @@ class KillEvaluator(Callback):
 @pytest.mark.slow
 def test_a_killed_evaluator_marks_its_evaluations_missing_and_the_study_completes(tiny_model_path, tmp_path, monkeypatch):
     killer = KillEvaluator()
-    real = training.train
-
-    def kill_in_trial_0(cfg, **kwargs):
-        if kwargs["callbacks"][0].trial.number == 0:
-            kwargs["callbacks"] = [*kwargs["callbacks"], killer]
-        return real(cfg, **kwargs)
-
-    monkeypatch.setattr(tuning, "train", kill_in_trial_0)
+    wrap_train(monkeypatch, {0: [killer]})
     cfg = _cfg(tiny_model_path, tmp_path, study={"n_trials": 2},
                evaluator={"enabled": True, "num_problems": 4, "max_new_tokens": 4, "batch_size": 4, "final_wait_s": 120})
     with pytest.warns(Warning, match="died"):

@@ -16,7 +16,7 @@ import tune as tune_cli
 from lit_sft import training, tuning, weights
 from lit_sft.cli import run_cli
 from lit_sft.errors import UserError
-from tests.helpers import RaiseAtSecondBatch, study_cfg
+from tests.helpers import RaiseAtSecondBatch, sqlite_url, study_cfg, tune_interrupted, wrap_train
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = """\
@@ -33,29 +33,14 @@ def _cfg(model_path: str, tmp_path: Path, study: dict[str, Any] | None = None, *
 
 
 def _load(cfg: dict[str, Any]) -> optuna.Study:
-    return optuna.load_study(study_name=cfg["study"]["name"], storage=f"sqlite:///{Path(cfg['study']['results_dir']).resolve() / 'optuna.db'}")
+    return optuna.load_study(study_name=cfg["study"]["name"], storage=sqlite_url(Path(cfg["study"]["results_dir"])))
 
 
 def _enqueue(cfg: dict[str, Any], *params: dict[str, Any]) -> None:
     Path(cfg["study"]["results_dir"]).mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name=cfg["study"]["name"], storage=f"sqlite:///{Path(cfg['study']['results_dir']).resolve() / 'optuna.db'}")
+    study = optuna.create_study(study_name=cfg["study"]["name"], storage=sqlite_url(Path(cfg["study"]["results_dir"])))
     for p in params:
         study.enqueue_trial(p)
-
-
-def _wrap_train(monkeypatch, per_trial: dict[int, list[Callback]]) -> list[dict[str, Any]]:
-    """Run the real train() with extra callbacks for some trials; return its calls' kwargs."""
-    real = training.train
-    calls: list[dict[str, Any]] = []
-
-    def wrapped(cfg, **kwargs):
-        number = kwargs["callbacks"][0].trial.number
-        calls.append({"number": number, "cfg": cfg, **kwargs})
-        kwargs["callbacks"] = [*kwargs["callbacks"], *per_trial.get(number, [])]
-        return real(cfg, **kwargs)
-
-    monkeypatch.setattr(tuning, "train", wrapped)
-    return calls
 
 
 # ---- a whole study ----------------------------------------------------------------------------
@@ -167,7 +152,7 @@ def test_every_trial_starts_from_the_initial_weights_of_one_load(tiny_model_path
     real_load = weights._from_pretrained
     monkeypatch.setattr(weights, "_from_pretrained", lambda *a: loads.append(a) or real_load(*a))
     snaps = {0: Snapshots(), 1: Snapshots()}
-    calls = _wrap_train(monkeypatch, {n: [s] for n, s in snaps.items()})
+    calls = wrap_train(monkeypatch, {n: [s] for n, s in snaps.items()})
     cfg = _cfg(tiny_model_path, tmp_path)
     _enqueue(cfg, GOOD, SLOW)
 
@@ -194,7 +179,7 @@ def test_every_trial_starts_from_the_initial_weights_of_one_load(tiny_model_path
 
 def test_failures_are_recorded_and_the_study_goes_on(tiny_model_path, tmp_path, monkeypatch, capsys):
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    _wrap_train(monkeypatch, {0: [RaiseAtSecondBatch(RuntimeError("boom"))], 1: [RaiseAtSecondBatch(oom)]})
+    wrap_train(monkeypatch, {0: [RaiseAtSecondBatch(RuntimeError("boom"))], 1: [RaiseAtSecondBatch(oom)]})
     freed = []
     monkeypatch.setattr(tuning.gc, "collect", lambda *a: freed.append(1) or 0)
     cfg = _cfg(tiny_model_path, tmp_path, study={"n_trials": 3})
@@ -216,7 +201,7 @@ def test_failures_are_recorded_and_the_study_goes_on(tiny_model_path, tmp_path, 
 
 def test_a_user_error_stops_the_study_at_once(tiny_model_path, tmp_path, monkeypatch):
     bad = UserError("data.batch_size=16 is larger than the 12 training records")
-    _wrap_train(monkeypatch, {0: [RaiseAtSecondBatch(bad)]})
+    wrap_train(monkeypatch, {0: [RaiseAtSecondBatch(bad)]})
     cfg = _cfg(tiny_model_path, tmp_path, study={"n_trials": 5})
     with pytest.raises(UserError, match="larger than"):
         tuning.tune(cfg)
@@ -226,16 +211,10 @@ def test_a_user_error_stops_the_study_at_once(tiny_model_path, tmp_path, monkeyp
 
 
 def test_ctrl_c_in_a_trial_fails_it_and_writes_the_report(tiny_model_path, tmp_path, monkeypatch):
-    import signal
-
-    _wrap_train(monkeypatch, {1: [RaiseAtSecondBatch(KeyboardInterrupt())]})
+    wrap_train(monkeypatch, {1: [RaiseAtSecondBatch(KeyboardInterrupt())]})
     cfg = _cfg(tiny_model_path, tmp_path, study={"n_trials": 3})
-    try:
-        # Lightning shuts the fit down and calls sys.exit(1); the study must still end cleanly.
-        with pytest.raises(KeyboardInterrupt):
-            tuning.tune(cfg)
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning leaves Ctrl-C ignored
+    # Lightning shuts the fit down and calls sys.exit(1); the study must still end cleanly.
+    tune_interrupted(cfg)
     trials = _load(cfg).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]  # none left RUNNING
     assert trials[1].user_attrs["reason"] == "interrupted"
@@ -264,7 +243,7 @@ def _argv(tiny_model_path: str, tmp_path: Path, *extra: str) -> list[str]:
 
 def test_cli_overrides_take_effect_and_a_rerun_resumes(tiny_model_path, tmp_path):
     assert run_cli(tune_cli.main, _argv(tiny_model_path, tmp_path, "--study.n_trials", "2")) == 0
-    storage = f"sqlite:///{(tmp_path / 'results' / 'optuna.db').resolve()}"
+    storage = sqlite_url(tmp_path / "results")
     trials = optuna.load_study(study_name="cli", storage=storage).trials
     assert len(trials) == 2
     assert all(t.user_attrs["global_step"] <= 4 for t in trials)  # --trainer.max_steps 4
@@ -336,7 +315,7 @@ class MemoryAtStart(Callback):
 @pytest.mark.gpu
 def test_cuda_oom_fails_the_trial_and_frees_its_memory_for_the_next(tiny_model_path, tmp_path, monkeypatch):
     at_start = MemoryAtStart()
-    _wrap_train(monkeypatch, {0: [Hog()], 1: [at_start]})
+    wrap_train(monkeypatch, {0: [Hog()], 1: [at_start]})
     cfg = _cfg(tiny_model_path, tmp_path)
     cfg["trainer"].update(accelerator="gpu", devices=1)
     tuning.tune(cfg)

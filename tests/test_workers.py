@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from lit_sft import storage as storage_mod
 from lit_sft.tuning import TrialSeededTPESampler
+from tests.helpers import sqlite_url
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = """\
@@ -71,10 +72,6 @@ def finish_workers(procs: list[subprocess.Popen], cwd: Path, timeout_s: float) -
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
     return outputs
-
-
-def sqlite_url(results_dir: Path) -> str:
-    return f"sqlite:///{(results_dir / 'optuna.db').resolve()}"
 
 
 def worker_pids(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
