@@ -7,28 +7,11 @@ import torch
 
 from lit_sft.loss import causal_lm_nll_sum, head_at_targets_only, head_nll_sum, token_nll_sum
 from lit_sft.packing import IGNORE_INDEX, pack_collate, pad_collate
-
-VOCAB = 96
+from tests.test_packing import VOCAB, _random_examples, _tiny_qwen2
 
 
 def _qwen2(tied: bool) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=128,
-                         tie_word_embeddings=tied, attn_implementation="sdpa")
-    return Qwen2ForCausalLM(config).float()
-
-
-def _examples(seed: int, n: int = 4) -> list[dict[str, list[int]]]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        prompt_len, response_len = (int(x) for x in torch.randint(2, 10, (2,), generator=gen))
-        ids = torch.randint(1, VOCAB, (prompt_len + response_len,), generator=gen).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt_len + ids[prompt_len:]})
-    return out
+    return _tiny_qwen2("sdpa", tie_word_embeddings=tied)
 
 
 def _loss_and_grads(model: torch.nn.Module, batch: dict, targets_only: bool) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
@@ -42,7 +25,7 @@ def _loss_and_grads(model: torch.nn.Module, batch: dict, targets_only: bool) -> 
 @pytest.mark.parametrize("collate", ["padded", "packed"])
 def test_targets_only_equals_full_logits(tied: bool, collate: str) -> None:
     model = _qwen2(tied)
-    examples = _examples(seed=1)
+    examples = _random_examples(seed=1)
     batch = pad_collate(examples, pad_id=0) if collate == "padded" else pack_collate(examples, pad_id=0)
     full, full_count, full_grads = _loss_and_grads(model, batch, targets_only=False)
     fast, fast_count, fast_grads = _loss_and_grads(model, batch, targets_only=True)
@@ -58,7 +41,7 @@ def test_qwen2_takes_the_targets_only_path_by_default() -> None:
     model = _qwen2(tied=True)
     calls = []
     model.lm_head.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape))
-    batch = pad_collate(_examples(seed=2), pad_id=0)
+    batch = pad_collate(_random_examples(seed=2), pad_id=0)
     causal_lm_nll_sum(model, batch)
     # The head saw one row per target token, not rows x padded length.
     assert head_at_targets_only(model)
@@ -70,7 +53,7 @@ def test_other_architectures_keep_their_own_forward() -> None:
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2)).float().eval()
-    batch = pad_collate(_examples(seed=3), pad_id=0)
+    batch = pad_collate(_random_examples(seed=3), pad_id=0)
     assert not head_at_targets_only(model)
     total, count = causal_lm_nll_sum(model, batch)
     with torch.no_grad():

@@ -30,7 +30,7 @@ def _random_examples(seed: int, n: int = 4) -> list[dict[str, list[int]]]:
     return out
 
 
-def _tiny_qwen2(attn_implementation: str) -> torch.nn.Module:
+def _tiny_qwen2(attn_implementation: str, tie_word_embeddings: bool = False) -> torch.nn.Module:
     # Built in code (not the tiny.py fixture) so this test depends on nothing but transformers.
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -44,6 +44,7 @@ def _tiny_qwen2(attn_implementation: str) -> torch.nn.Module:
         vocab_size=VOCAB,
         max_position_embeddings=256,
         attn_implementation=attn_implementation,
+        tie_word_embeddings=tie_word_embeddings,
     )
     model = Qwen2ForCausalLM(config).float().eval()
     assert model.config._attn_implementation == attn_implementation
