@@ -17,6 +17,7 @@ from lit_sft.errors import UserError
 from lit_sft.loss import causal_lm_nll_sum
 from lit_sft.weights import load_causal_lm, resolve_model_path
 
+
 def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
     """Turn activation (gradient) checkpointing on or off, under either transformers 5 name.
 

@@ -45,8 +45,8 @@ from lit_sft.config import complete
 from lit_sft.devices import trial_world_size
 from lit_sft.errors import UserError
 from lit_sft.evaluator.launch import start_evaluator
-from lit_sft.report import format_value
 from lit_sft.pruner import TolerantSuccessiveHalvingPruner
+from lit_sft.report import format_value
 from lit_sft.search_space import SearchSpace, load_search_space
 from lit_sft.study_config import PROJECT_ROOT, StudyConfig
 from lit_sft.training import save_pretrained, train
