@@ -9,11 +9,19 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "search_efficiency.py"
-_spec = importlib.util.spec_from_file_location("search_efficiency", _PATH)
-se = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = se  # dataclasses look their module up there
-_spec.loader.exec_module(se)
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load_bench(name: str):
+    """A bench script as a module (bench/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+se = _load_bench("search_efficiency")
 
 
 def trial(number, curve, state="COMPLETE", examples_attr=None):
@@ -71,17 +79,8 @@ def test_table_and_random_overrides(tmp_path):
     assert "--study.sampler.n_startup_trials" not in tpe and "--study.pruner.enabled" not in tpe
 
 
-def _load_replay():
-    path = _PATH.with_name("pruner_replay.py")
-    spec = importlib.util.spec_from_file_location("pruner_replay", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pruner_replay_cuts_curves_where_asha_prunes():
-    replay = _load_replay()
+    replay = _load_bench("pruner_replay")
     fast = [(512, 0.86), (1024, 0.752), (2048, 0.30), (3072, 0.24)]
     slow = [(512, 1.11), (1024, 0.7555), (2048, 0.25), (3072, 0.20)]
     strict = replay.replay([fast, slow], replay.Setting(min_resource=1024, reduction_factor=3, tolerance=0.0))
