@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_sft.kernels import fused_loss_on, liger_head_nll_sum, packed_forward
 from lit_sft.packing import IGNORE_INDEX, model_inputs
 
 HEAD_AT_TARGETS_ONLY = frozenset({"qwen2", "qwen3", "llama", "mistral"})
@@ -50,13 +51,19 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return F.cross_entropy(picked.float(), targets, reduction="sum"), int(picked.shape[0])
 
 
-def head_nll_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """`token_nll_sum(head(hidden), labels)`, applying the head to target positions only."""
+def head_nll_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, *, fused: bool = False) -> tuple[torch.Tensor, int]:
+    """`token_nll_sum(head(hidden), labels)`, applying the head to target positions only.
+
+    `fused`: the head and cross-entropy as Liger's fused linear cross-entropy (lit_sft.kernels),
+    which does not hold even the target rows' logits at once; same value, Liger installed.
+    """
     mask, targets = _targets(labels)
     picked = hidden[..., :-1, :][mask]
     if picked.shape[0] == 0:
         # Through the head too, so every parameter gets a (zero) gradient, as DDP expects.
         return head(hidden[..., :1, :]).float().sum() * 0.0, 0
+    if fused:
+        return liger_head_nll_sum(picked, head, targets), int(picked.shape[0])
     return F.cross_entropy(head(picked).float(), targets, reduction="sum"), int(picked.shape[0])
 
 
@@ -70,12 +77,15 @@ def causal_lm_nll_sum(model: nn.Module, batch: Mapping[str, Any], *, targets_onl
     """Summed NLL over a collated batch's target tokens, and their count.
 
     `targets_only`: None = wherever the architecture allows (`head_at_targets_only`); False
-    forces the model's own full-logits forward (the reference the tests compare against).
+    forces the model's own full-logits forward (the reference the tests compare against). The
+    attention and kernels set by `lit_sft.kernels.configure` apply on either path; Liger's fused
+    cross-entropy only on the targets-only one.
     """
     inputs = model_inputs(batch)
     if targets_only is None:
         targets_only = head_at_targets_only(model)
-    if targets_only:
-        hidden = model.base_model(**inputs).last_hidden_state
-        return head_nll_sum(hidden, model.get_output_embeddings(), batch["labels"])
-    return token_nll_sum(model(**inputs).logits, batch["labels"])
+    with packed_forward(model, inputs):
+        if targets_only:
+            hidden = model.base_model(**inputs).last_hidden_state
+            return head_nll_sum(hidden, model.get_output_embeddings(), batch["labels"], fused=fused_loss_on(model))
+        return token_nll_sum(model(**inputs).logits, batch["labels"])

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lit_sft.errors import UserError
+from lit_sft.kernels import configure as configure_kernels
 from lit_sft.loss import causal_lm_nll_sum
 from lit_sft.weights import load_causal_lm, resolve_model_path
 
@@ -79,6 +80,8 @@ class SFTModule(LightningModule):
         gradient_clip_val: float | None = 1.0,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        kernels: Literal["none", "liger", "liger_flce"] = "none",
+        attention: Literal["auto", "sdpa", "varlen"] = "auto",
     ) -> None:
         """
         Args:
@@ -94,6 +97,14 @@ class SFTModule(LightningModule):
             compile: torch.compile each decoder layer (regional: all layers share one graph, so
                 one short warm-up per process; dynamic shapes, since every batch has its own
                 length). H200, Qwen2.5-1.5B shape: 1.55x the tokens/s of eager (docs/BENCHMARKS.md).
+            kernels: "liger": Liger Kernel's Triton RMSNorm, SwiGLU and RoPE (the `liger` extra);
+                "liger_flce": also the head + cross-entropy on response tokens as Liger's fused
+                linear cross-entropy. CUDA only: elsewhere, or without liger-kernel, a warning
+                and plain PyTorch (lit_sft.kernels).
+            attention: "varlen": packed rows (`data.packing`) attend over their sequence
+                boundaries with FlashAttention's varlen kernel and no mask; "sdpa": the model's
+                own attention (a packed row gets a dense block-diagonal mask); "auto": varlen on
+                CUDA at 16-bit precision where torch has it, else sdpa.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -127,6 +138,15 @@ class SFTModule(LightningModule):
                 layer.compile(dynamic=True)
             elif not enabled:
                 layer._compiled_call_impl = None
+
+    @override
+    def on_fit_start(self) -> None:
+        # The device and precision are known only now. The model is shared across trials, so
+        # both choices are set either way, as compile and checkpointing are.
+        configure_kernels(
+            self.model, kernels=self.hparams.kernels, attention=self.hparams.attention,
+            device=self.device, precision=str(self.trainer.precision),
+        )
 
     def _common_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL over the batch's target tokens, and their count."""

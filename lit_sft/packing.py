@@ -10,7 +10,10 @@ both collates set each example's first label to -100. That is what keeps a packe
 training token 0 of one example on the last token of the one before it, and it makes
 `num_target_tokens` exactly the count lit_sft.loss returns.
 
-Packed rows carry `position_ids` restarting at 0 at each example and no `attention_mask`.
+Packed rows carry `position_ids` restarting at 0 at each example, no `attention_mask`, and the
+sequence boundaries in FlashAttention's varlen form: `cu_seq_lens_q`/`_k` (int32 [0, l0, l0+l1,
+..., T], the filler segment included) and `max_length_q`/`_k` (a Python int, so no kernel has to
+read it back from the device).
 transformers (5.x, `masking_utils._preprocess_mask_arguments`) then detects the packing from the
 position ids (`find_packed_sequence_indices`: a new sequence wherever consecutive positions do
 not step by 1) and masks attention block-diagonally:
@@ -21,7 +24,9 @@ not step by 1) and masks attention block-diagonally:
   lengths): packing 32 examples per row was 22% slower than padding them, so with sdpa packing
   saves memory, not time.
 - "flex_attention": the same mask as a sparse BlockMask (GPU; needs torch.compile to be fast).
-- "flash_attention_2/3": varlen kernels with cu_seqlens derived from the position ids.
+- "flash_attention_2/3": varlen kernels over the `cu_seq_lens_q` the collate passes.
+- lit_sft.kernels' "varlen" (`model.attention`): torch's FlashAttention varlen kernel over
+  `cu_seq_lens_q`, with no mask built at all; what makes packing pay on a GPU.
 This holds only without a KV cache: call the model with use_cache=False (`model_inputs` does),
 because a cache, which Qwen2 builds by default even in train mode, turns the detection off.
 Verified on CPU for sdpa and eager by tests/test_packing.py (packed logits equal each example
@@ -117,10 +122,17 @@ def pack_collate(
         labs.append(torch.full((filler,), IGNORE_INDEX, dtype=torch.long))
         pos.append(torch.arange(filler, dtype=torch.long))
     labels = torch.cat(labs).unsqueeze(0)
+    lengths = [p.numel() for p in ids]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
     return {
         "input_ids": torch.cat(ids).unsqueeze(0),
         "position_ids": torch.cat(pos).unsqueeze(0),
         "labels": labels,
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
         "num_examples": len(pairs),
         "num_target_tokens": _count_targets(labels),
     }
@@ -129,13 +141,15 @@ def pack_collate(
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     """The forward() arguments for a collated batch: its tensors, and use_cache=False.
 
-    Labels are left out: the loss is lit_sft.loss's summed NLL, not the model's mean loss.
+    Labels are left out: the loss is lit_sft.loss's summed NLL, not the model's mean loss. A
+    packed row's sequence boundaries go along as keyword arguments; only varlen and flash
+    attention read them (SDPA and eager ignore them).
     use_cache=False is required, not an optimization: with the config default (True) the
     model builds a DynamicCache even in train mode, and transformers skips packed-sequence
     detection whenever a cache exists, so packed examples silently attend to each other
     (tests/test_packing.py shows both). It also saves storing every layer's keys and values.
     """
-    keys = ("input_ids", "attention_mask", "position_ids")
+    keys = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
     inputs: dict[str, Any] = {k: batch[k] for k in keys if k in batch}
     inputs["use_cache"] = False
     return inputs
