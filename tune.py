@@ -2,7 +2,7 @@
 
 Same config format and dotted overrides as train.py, plus the `study:` section. Without
 --config the embedded default (configs/tune.yaml: tiny model, generated data, CPU) runs. The
-work is lit_sft.tuning.tune(cfg).
+work is lit_sft.study.run.tune(cfg).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tune.yaml"
 
 def main(argv: list[str]) -> int:
     from lit_sft.config import parse
-    from lit_sft.tuning import tune
+    from lit_sft.study.run import tune
 
     if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
         argv = ["--config", str(DEFAULT_CONFIG), *argv]

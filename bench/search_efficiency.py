@@ -7,7 +7,7 @@ studies with the same number of trials and the same seeds:
   ASHA = SuccessiveHalvingPruner on examples seen, reduction factor 3);
 - random:   every point drawn by optuna.samplers.RandomSampler, no pruning.
 
-Each study is one `python tune.py` (lit_sft.tuning.tune(cfg)) in a process of its own, with its
+Each study is one `python tune.py` (lit_sft.study.run.tune(cfg)) in a process of its own, with its
 own temporary results folder and SQLite storage, W&B and plots off; the numbers are read back
 from the storage afterwards. Both run the training defaults, early stopping included.
 

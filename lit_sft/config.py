@@ -110,7 +110,7 @@ def build_parser(tune: bool = False):
     parser.add_dataclass_arguments(EvaluatorConfig, "evaluator")
     parser.add_dataclass_arguments(WandbConfig, "wandb")
     if tune:
-        from lit_sft.study_config import StudyConfig
+        from lit_sft.study.config import StudyConfig
 
         parser.add_dataclass_arguments(StudyConfig, "study")
     parser.set_defaults(TRAINER_DEFAULTS)

@@ -55,7 +55,8 @@ def sqlite_url(results_dir: Path) -> str:
 
 def wrap_train(monkeypatch, per_trial: dict[int, list[Callback]]) -> list[dict[str, Any]]:
     """Run the real train() with extra callbacks for some trials; return its calls' kwargs."""
-    from lit_sft import training, tuning
+    from lit_sft import training
+    from lit_sft.study import objective
 
     real = training.train
     calls: list[dict[str, Any]] = []
@@ -66,16 +67,16 @@ def wrap_train(monkeypatch, per_trial: dict[int, list[Callback]]) -> list[dict[s
         kwargs["callbacks"] = [*kwargs["callbacks"], *per_trial.get(number, [])]
         return real(cfg, **kwargs)
 
-    monkeypatch.setattr(tuning, "train", wrapped)
+    monkeypatch.setattr(objective, "train", wrapped)
     return calls
 
 
 def tune_interrupted(cfg: dict[str, Any]) -> None:
     """Run the study, expecting a Ctrl-C to end it (a RaiseAtSecondBatch(KeyboardInterrupt()))."""
-    from lit_sft import tuning
+    from lit_sft.study import run
 
     try:
         with pytest.raises(KeyboardInterrupt):
-            tuning.tune(cfg)
+            run.tune(cfg)
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning leaves Ctrl-C ignored

@@ -14,13 +14,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from lit_sft.tuning import rank_config, trial_world_size
+from lit_sft.devices import trial_world_size
+from lit_sft.study.ranks import rank_config
 from tests.helpers import sqlite_url
 from tests.test_workers import tune_argv, tune_env
 
 GOOD = {"learning_rate": 3e-2, "batch_size": 8, "weight_decay": 0.0}
 SLOW = {"learning_rate": 1e-4, "batch_size": 8, "weight_decay": 0.0}
-RANK_COMMAND = "from lit_sft.tuning import rank_main"
+RANK_COMMAND = "from lit_sft.study.ranks import rank_main"
 
 
 def _rank_processes() -> list[int]:

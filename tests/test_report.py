@@ -11,7 +11,7 @@ import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from lit_sft.report import load_history, save_history, write_report
+from lit_sft.study.report import load_history, save_history, write_report
 
 DISTS = {
     "learning_rate": FloatDistribution(1e-4, 1e-2, log=True),

@@ -17,7 +17,7 @@ from lightning.pytorch import Callback
 from optuna.trial import TrialState
 
 from lit_sft import storage as storage_mod
-from lit_sft import tuning
+from lit_sft.study import run
 from lit_sft.search_space import load_search_space
 from tests.helpers import RaiseAtSecondBatch, sqlite_url, study_cfg, tune_interrupted, wrap_train
 from tests.test_workers import SPACE, tune_argv, tune_env
@@ -120,7 +120,7 @@ def test_a_stale_trial_of_another_machine_is_retried_after_its_heartbeat_stops(t
     storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name("resume"), 0))
     time.sleep(4.5)  # grace period: 3 intervals, + 1 s: SQLite keeps whole seconds
 
-    tuning.tune(cfg)
+    run.tune(cfg)
 
     trials = _study(cfg).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
@@ -141,7 +141,7 @@ def test_an_interrupted_trial_is_retried_with_its_parameters_by_the_next_run(tin
     interrupted = _study(cfg).trials[1]
     assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["reason"] == "interrupted"
 
-    summary = tuning.tune(cfg)
+    summary = run.tune(cfg)
 
     trials = _study(cfg).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
@@ -240,7 +240,7 @@ def test_a_killed_evaluator_marks_its_evaluations_missing_and_the_study_complete
     cfg = _cfg(tiny_model_path, tmp_path, study={"n_trials": 2},
                evaluator={"enabled": True, "num_problems": 4, "max_new_tokens": 4, "batch_size": 4, "final_wait_s": 120})
     with pytest.warns(Warning, match="died"):
-        summary = tuning.tune(cfg)
+        summary = run.tune(cfg)
 
     trials = _study(cfg).trials
     assert killer.killed is not None

@@ -13,7 +13,9 @@ from lightning.pytorch import Callback
 from optuna.trial import TrialState
 
 import tune as tune_cli
-from lit_sft import training, tuning, weights
+from lit_sft import training, weights
+from lit_sft.study import run
+from lit_sft.study.report import format_value
 from lit_sft.cli import run_cli
 from lit_sft.errors import UserError
 from tests.helpers import RaiseAtSecondBatch, sqlite_url, study_cfg, tune_interrupted, wrap_train
@@ -71,7 +73,7 @@ def test_small_study_end_to_end(tiny_model_path, tmp_path, monkeypatch, capsys):
     cfg["trainer"]["log_every_n_steps"] = 1
     _enqueue(cfg, GOOD, SLOW)  # trial 1 learns so little that ASHA stops it at its first rung
 
-    summary = tuning.tune(cfg)
+    summary = run.tune(cfg)
 
     trials = _load(cfg).trials
     assert [t.state for t in trials[:2]] == [TrialState.COMPLETE, TrialState.PRUNED]
@@ -124,7 +126,7 @@ def test_small_study_end_to_end(tiny_model_path, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "[1/3] trial 0 start: learning_rate=0.03 batch_size=8" in out
     assert "[2/3] trial 1 pruned at 32 examples" in out
-    assert f"best: trial {best.number} eval/loss={tuning.format_value(best.value)}" in out  # the closing summary
+    assert f"best: trial {best.number} eval/loss={format_value(best.value)}" in out  # the closing summary
 
 
 # ---- model reuse ------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def test_every_trial_starts_from_the_initial_weights_of_one_load(tiny_model_path
     cfg = _cfg(tiny_model_path, tmp_path)
     _enqueue(cfg, GOOD, SLOW)
 
-    tuning.tune(cfg)
+    run.tune(cfg)
 
     from transformers import AutoModelForCausalLM
 
@@ -181,10 +183,10 @@ def test_failures_are_recorded_and_the_study_goes_on(tiny_model_path, tmp_path, 
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     wrap_train(monkeypatch, {0: [RaiseAtSecondBatch(RuntimeError("boom"))], 1: [RaiseAtSecondBatch(oom)]})
     freed = []
-    monkeypatch.setattr(tuning.gc, "collect", lambda *a: freed.append(1) or 0)
+    monkeypatch.setattr(run.gc, "collect", lambda *a: freed.append(1) or 0)
     cfg = _cfg(tiny_model_path, tmp_path, study={"n_trials": 3})
 
-    summary = tuning.tune(cfg)
+    summary = run.tune(cfg)
 
     trials = _load(cfg).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
@@ -204,7 +206,7 @@ def test_a_user_error_stops_the_study_at_once(tiny_model_path, tmp_path, monkeyp
     wrap_train(monkeypatch, {0: [RaiseAtSecondBatch(bad)]})
     cfg = _cfg(tiny_model_path, tmp_path, study={"n_trials": 5})
     with pytest.raises(UserError, match="larger than"):
-        tuning.tune(cfg)
+        run.tune(cfg)
     trials = _load(cfg).trials
     assert len(trials) == 1
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["reason"] == "config"
@@ -261,7 +263,7 @@ def test_cli_overrides_take_effect_and_a_rerun_resumes(tiny_model_path, tmp_path
 
 def test_without_config_the_embedded_default_is_used(monkeypatch):
     seen = []
-    monkeypatch.setattr(tuning, "tune", seen.append)
+    monkeypatch.setattr(run, "tune", seen.append)
     assert tune_cli.main(["--study.n_trials", "5"]) == 0
     study = seen[0]["study"]
     assert study["n_trials"] == 5 and study["search_space"] == "configs/search_space_tiny.yaml"
@@ -318,7 +320,7 @@ def test_cuda_oom_fails_the_trial_and_frees_its_memory_for_the_next(tiny_model_p
     wrap_train(monkeypatch, {0: [Hog()], 1: [at_start]})
     cfg = _cfg(tiny_model_path, tmp_path)
     cfg["trainer"].update(accelerator="gpu", devices=1)
-    tuning.tune(cfg)
+    run.tune(cfg)
     trials = _load(cfg).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[0].user_attrs["reason"] == "oom" and "OutOfMemoryError" in trials[0].user_attrs["error"]

@@ -16,7 +16,7 @@ import yaml
 from optuna.trial import TrialState
 
 from lit_sft import storage as storage_mod
-from lit_sft.tuning import TrialSeededTPESampler
+from lit_sft.study.build import TrialSeededTPESampler
 from tests.helpers import sqlite_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +177,7 @@ def test_two_workers_started_together_share_one_sqlite_study(tiny_model_path, tm
 
 def test_a_journal_study_resumes_and_finds_dead_workers_without_a_heartbeat(tiny_model_path, tmp_path):
     """The journal has no heartbeat: a dead worker of this machine is found by its process."""
-    from lit_sft import tuning
+    from lit_sft.study import run
     from tests.helpers import small_cfg
 
     journal = tmp_path / "study.log"
@@ -187,7 +187,7 @@ def test_a_journal_study_resumes_and_finds_dead_workers_without_a_heartbeat(tiny
     cfg["study"] = {"n_trials": 1, "name": "j", "storage": url, "results_dir": str(tmp_path / "results"),
                     "search_space": str(tmp_path / "space.yaml"), "plots": False, "save_best_model": False,
                     "sampler": {"n_startup_trials": 2}, "pruner": {"enabled": False}}
-    tuning.tune(cfg)
+    run.tune(cfg)
     # A worker of this machine died in the middle of a trial.
     storage = storage_mod.open_storage(url, heartbeat_interval_s=None)
     study = optuna.load_study(study_name="j", storage=storage)
@@ -200,7 +200,7 @@ def test_a_journal_study_resumes_and_finds_dead_workers_without_a_heartbeat(tiny
     orphan.set_user_attr(storage_mod.WORKER_ATTR, {**storage_mod.this_worker(), "pid": dead.pid, "start": "1"})
 
     cfg["study"]["n_trials"] = 3
-    summary = tuning.tune(cfg)
+    summary = run.tune(cfg)
 
     trials = optuna.load_study(study_name="j", storage=storage_mod.open_storage(url, heartbeat_interval_s=None)).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]

@@ -1,0 +1,127 @@
+"""Building the study from the config: sampler (TPE reseeded per trial), pruner (ASHA at
+examples seen), storage, and the checks a resumed study must pass."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from lit_sft import secrets
+from lit_sft import storage as storage_mod
+from lit_sft.errors import UserError
+from lit_sft.pruner import TolerantSuccessiveHalvingPruner
+from lit_sft.search_space import SearchSpace
+from lit_sft.study.config import StudyConfig
+
+
+def default_min_resource(cfg: dict[str, Any], space: SearchSpace) -> int:
+    """Examples the largest-batch trial has seen at its first evaluation.
+
+    Reports are made at every evaluation, i.e. every `val_check_interval * batch_size`
+    examples, so a smaller first rung would be judged on different amounts of data: the
+    small-batch trials at their first evaluation, the large-batch ones well past it. With an
+    example budget every trial evaluates every `budget.eval_every_examples`: that is the rung.
+    """
+    every = (cfg.get("budget") or {}).get("eval_every_examples")
+    if every:
+        return int(every)
+    interval = cfg["trainer"].get("val_check_interval")
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+        raise UserError(
+            f"study.pruner.min_resource: cannot derive it from trainer.val_check_interval={interval!r} "
+            "(an epoch fraction or none); set study.pruner.min_resource (in examples seen)"
+        )
+    batch = space.by_key("data.batch_size")
+    largest = batch.largest if batch is not None else cfg["data"]["batch_size"]
+    return int(interval * largest)
+
+
+class TrialSeededTPESampler(optuna.samplers.TPESampler):
+    """TPE whose random state is reset from (seed, trial number) at the start of every trial.
+
+    One seed per process would make workers started together propose the same first random
+    points; a seed per trial number (numbers are handed out by the storage, unique across
+    workers and restarts) keeps them apart, makes a resumed study propose new points, and
+    keeps a one-worker study reproducible. TPESampler can only reseed from OS entropy
+    (`reseed_rng`), hence the two private attributes; should Optuna rename them, that is the
+    fallback.
+    """
+
+    def __init__(self, *, seed: int, **kwargs: Any) -> None:
+        super().__init__(seed=seed, **kwargs)
+        self._base_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        seed = (self._base_seed + trial.number) % 2**32
+        try:
+            self._rng.rng.seed(seed)
+            self._random_sampler._rng.rng.seed(seed)
+        except AttributeError:
+            self.reseed_rng()
+        super().before_trial(study, trial)
+
+
+def make_sampler(study_cfg: StudyConfig) -> optuna.samplers.BaseSampler:
+    s = study_cfg.sampler
+    with warnings.catch_warnings():
+        # multivariate TPE is marked experimental; it has been stable since Optuna 2.2
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return TrialSeededTPESampler(
+            seed=study_cfg.seed,
+            n_startup_trials=s.n_startup_trials,
+            constant_liar=s.constant_liar,
+            multivariate=s.multivariate,
+        )
+
+
+def make_pruner(study_cfg: StudyConfig, cfg: dict[str, Any], space: SearchSpace) -> optuna.pruners.BasePruner:
+    p = study_cfg.pruner
+    if not p.enabled:
+        return optuna.pruners.NopPruner()
+    return TolerantSuccessiveHalvingPruner(
+        min_resource=p.min_resource or default_min_resource(cfg, space),
+        reduction_factor=p.reduction_factor,
+        min_early_stopping_rate=p.min_early_stopping_rate,
+        tolerance=p.tolerance,
+    )
+
+
+def open_study(study_cfg: StudyConfig, cfg: dict[str, Any], space: SearchSpace, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """Create the study, or load it (same name and storage) to resume or join it."""
+    study = storage_mod.load_or_create(
+        storage, study_cfg.name, study_cfg.direction, sampler=make_sampler(study_cfg), pruner=make_pruner(study_cfg, cfg, space),
+    )
+    if study.direction.name.lower() != study_cfg.direction:
+        raise UserError(
+            f"study.direction: study {study_cfg.name!r} in {secrets.mask_url(study_cfg.storage_url)} was created to "
+            f"{study.direction.name.lower()}, not {study_cfg.direction}; use another study.name"
+        )
+    _check_same_space(study, space)
+    return study
+
+
+def _check_same_space(study: optuna.Study, space: SearchSpace) -> None:
+    """A resumed study must search the same names: TPE models trials by parameter name."""
+    names = set(space.names)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if set(trial.params) != names:
+            raise UserError(
+                f"study.search_space: study {study.study_name!r} already has trials over "
+                f"{sorted(trial.params)}, but {space.path} defines {sorted(names)}; use another study.name"
+            )
+
+
+def prepare_results_dir(study_cfg: StudyConfig) -> None:
+    path = study_cfg.results_path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"study.results_dir: cannot create {path}: {err.strerror or err}") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"study.results_dir: cannot write to {path}")
+
+

@@ -1,0 +1,48 @@
+"""The console lines of a study: one when a trial starts, one when it ends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from lit_sft.study.config import StudyConfig
+from lit_sft.study.report import format_value
+
+
+def _head(number: int, n_trials: int, slot: int | None) -> str:
+    """`[k/n] trial N`: k counts the study's trials (over restarts and workers), N is Optuna's number."""
+    return f"[{slot or number + 1}/{n_trials}] trial {number}"
+
+
+def progress_start(trial: optuna.Trial, params: dict[str, Any], n_trials: int, slot: int | None = None) -> None:
+    shown = " ".join(f"{k}={format_value(v)}" for k, v in params.items())
+    retry_of = trial.user_attrs.get("retry_of") if hasattr(trial, "user_attrs") else None
+    again = f" (retry of trial {retry_of})" if retry_of is not None else ""
+    print(f"{_head(trial.number, n_trials, slot)} start{again}: {shown}", flush=True)
+
+
+class Progress:
+    """One line per finished trial: its outcome, the best so far."""
+
+    def __init__(self, study_cfg: StudyConfig, slots: dict[int, int] | None = None) -> None:
+        self.study_cfg = study_cfg
+        self.slots = slots if slots is not None else {}
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        cfg = self.study_cfg
+        a = trial.user_attrs
+        head = f"{_head(trial.number, cfg.n_trials, self.slots.get(trial.number))} {trial.state.name.lower()}"
+        secs = f" in {trial.duration.total_seconds():.0f}s" if trial.duration else ""
+        if trial.state == TrialState.COMPLETE:
+            acc = f" accuracy={a['accuracy']:.3f}" if a.get("accuracy") is not None else ""
+            body = f" {cfg.metric}={format_value(trial.value)}{acc} (best at {a.get('best_examples_seen')} examples){secs}"
+        elif trial.state == TrialState.PRUNED:
+            body = f" at {a.get('pruned_at')} examples ({cfg.metric} best {format_value(a.get('best_objective'))}){secs}"
+        else:
+            where = f" [traceback: {a['traceback_file']}]" if "traceback_file" in a else ""
+            body = f" ({a.get('reason', '?')}): {a.get('error', 'no error recorded')}{where}"
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        best = f"best: trial {study.best_trial.number} {cfg.metric}={format_value(study.best_value)}" if complete else "best: none yet"
+        print(f"{head}{body} | {best}", flush=True)
