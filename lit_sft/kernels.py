@@ -71,6 +71,7 @@ def _repeat_kv(key: torch.Tensor, query_heads: int) -> torch.Tensor:
     return key.repeat_interleave(query_heads // key.shape[1], dim=1) if key.shape[1] != query_heads else key
 
 
+@torch.compiler.disable  # data-dependent slicing; it is the CPU tests' reference, not a fast path
 def reference_varlen_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor, max_length: int, scale: float | None
 ) -> torch.Tensor:
@@ -325,6 +326,10 @@ def set_liger(model: nn.Module, enabled: bool, apply: Any = None) -> bool:
     return True
 
 
+def liger_on(model: nn.Module) -> bool:
+    return _LIGER_UNDO in model.__dict__
+
+
 def fused_loss_on(model: nn.Module) -> bool:
     """Whether lit_sft.loss runs the head + cross-entropy as Liger's fused linear cross-entropy."""
     return bool(model.__dict__.get(_FUSED_LOSS, False))
@@ -366,4 +371,10 @@ def configure(model: nn.Module, *, kernels: str, attention: str, device: torch.d
         on = want_liger
     on = set_liger(model, on)
     model.__dict__[_FUSED_LOSS] = on and kernels == "liger_flce"
-    return {"attention": resolved, "kernels": (kernels if on else "none")}
+    return in_effect(model)
+
+
+def in_effect(model: nn.Module) -> dict[str, str]:
+    """The model's attention and kernels now, in `configure`'s terms."""
+    kernels = "liger_flce" if fused_loss_on(model) else "liger" if liger_on(model) else "none"
+    return {"attention": "varlen" if uses_varlen(model) else "sdpa", "kernels": kernels}

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from lightning.pytorch import Callback, Trainer
 
 from lit_sft import available, kernels
 from lit_sft import loss as loss_module
@@ -200,3 +201,58 @@ def test_liger_own_forward_flce_gives_our_mean_loss_on_gpu() -> None:
     finally:
         kernels.set_liger(model, False)
     assert theirs.item() == pytest.approx(ours, rel=1e-2)
+
+
+# ---- through SFTModule and a Trainer ------------------------------------------------------------------
+
+
+class _InEffect(Callback):
+    """What the model's attention and kernels are while the fit trains, and its losses."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, str]] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.states.append(kernels.in_effect(pl_module.model))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+
+def _fit(model_path: str, trainer_kwargs: dict, packing: bool, **module_kwargs) -> _InEffect:
+    from lit_sft.data import SFTDataModule
+    from lit_sft.module import SFTModule
+
+    module = SFTModule(model_name_or_path=model_path, **module_kwargs)
+    data = SFTDataModule(tokenizer_name_or_path=model_path, num_generated=40, eval_size=8, batch_size=8, micro_batch_size=4, max_length=128, packing=packing)
+    seen = _InEffect()
+    Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[seen], **trainer_kwargs,
+    ).fit(module, datamodule=data)
+    return seen
+
+
+def test_sftmodule_sets_attention_and_kernels_at_each_fit_on_cpu(tiny_model_path, one_torch_thread, caplog) -> None:
+    cpu = {"accelerator": "cpu", "devices": 1}
+    with caplog.at_level(logging.WARNING, logger="lit_sft.kernels"):
+        first = _fit(tiny_model_path, cpu, packing=True, kernels="liger_flce", attention="varlen")
+    assert first.states == [{"attention": "varlen", "kernels": "none"}] * 2  # varlen's CPU reference; no Liger off CUDA
+    assert "needs a CUDA device" in caplog.text and all(torch.isfinite(torch.tensor(first.losses)))
+    # The next fit shares the model (lit_sft.weights) and asks for the defaults: plain SDPA again.
+    second = _fit(tiny_model_path, cpu, packing=True)
+    assert second.states == [{"attention": "sdpa", "kernels": "none"}] * 2
+
+
+@pytest.mark.gpu
+def test_sftmodule_runs_liger_flce_on_varlen_under_bf16_mixed_on_gpu(tiny_model_path) -> None:
+    assert available.has_liger() and available.has_varlen_attn()
+    gpu = {"accelerator": "gpu", "devices": 1, "precision": "bf16-mixed"}
+    fast = _fit(tiny_model_path, gpu, packing=True, kernels="liger_flce", attention="auto")
+    assert fast.states == [{"attention": "varlen", "kernels": "liger_flce"}] * 2
+    assert all(torch.isfinite(torch.tensor(fast.losses)))
+    plain = _fit(tiny_model_path, gpu, packing=True, attention="sdpa")
+    assert plain.states == [{"attention": "sdpa", "kernels": "none"}] * 2
+    # Same data, same initial weights: the first step's loss agrees within bf16 tolerance.
+    assert fast.losses[0] == pytest.approx(plain.losses[0], rel=2e-2)
