@@ -1,4 +1,4 @@
-"""The study's plots (PNG): loss and accuracy curves, hyperparameters, grades, Optuna's own."""
+"""The study's plots (PNG): loss and accuracy curves, hyperparameters, grades, importance, Optuna's own."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from lit_sft.study.report import CATEGORIES, load_history, objective_of
+from lit_sft.stats import accuracy_interval
+from lit_sft.study.importance import describe, format_numbers
+from lit_sft.study.report import CATEGORIES, format_accuracy, load_histories, objective_of
 
 
 def _pyplot():
@@ -84,14 +86,68 @@ def _plot_losses(plt, rows, histories, metric: str, path: Path) -> bool:
     return True
 
 
-def _plot_accuracy(plt, rows, histories, path: Path) -> bool:
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    if not _draw_curves(plt, ax, rows, histories, "accuracy", "evaluations"):
+def _graded(evaluation: dict[str, Any]) -> int | None:
+    """Problems an evaluation graded: the evaluator's count, else the sum of its grades."""
+    return evaluation.get("num_problems") or sum(int(evaluation.get(c) or 0) for c in CATEGORIES) or None
+
+
+def _accuracy_points(evaluations: list[dict]) -> list[tuple[int, int | None, float, float, float]]:
+    """(examples seen, step, accuracy, low, high) of each finished evaluation, by examples seen."""
+    points = []
+    for e in evaluations:
+        if e.get("status", "ok") != "ok" or e.get("accuracy") is None or e.get("examples_seen") is None:
+            continue
+        interval = accuracy_interval(e.get("correct"), _graded(e)) or (math.nan, math.nan)
+        points.append((e["examples_seen"], e.get("step"), float(e["accuracy"]), *interval))
+    return sorted(points, key=lambda p: p[0])
+
+
+def _mark_best_checkpoint(ax, row: dict[str, Any], points: list[tuple]) -> None:
+    """A star (with its interval) on the evaluation whose accuracy the best trial reports."""
+    step = row.get("accuracy_step") if row.get("accuracy_step") is not None else row.get("best_step")
+    at = next((p for p in points if p[1] == step), None) or max(points, key=lambda p: p[2])
+    x, _, y, low, high = at
+    ax.errorbar([x], [y], yerr=[[y - low], [high - y]] if math.isfinite(low) else None, fmt="*", markersize=16,
+                color="red", markeredgecolor="black", capsize=5, zorder=6,
+                label=f"best checkpoint #{row['number']}: {format_accuracy(y, [low, high] if math.isfinite(low) else None)}")
+
+
+def _plot_accuracy(plt, rows, histories, best_trial: int | None, path: Path) -> bool:
+    from matplotlib import patheffects
+
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    cmap = plt.get_cmap("tab20" if len(rows) > 10 else "tab10")
+    sizes: set[int | None] = set()
+    best_points = None
+    for i, row in enumerate(rows):
+        evaluations = histories[row["number"]]["evaluations"]
+        points = _accuracy_points(evaluations)
+        if not points:
+            continue
+        sizes.update(_graded(e) for e in evaluations if e.get("status", "ok") == "ok")
+        xs, _, ys, lows, highs = zip(*points)
+        best = row["number"] == best_trial
+        color = cmap(i % cmap.N)
+        # The best trial keeps its colour (the same as in training_loss.png) inside a black outline.
+        outline = [patheffects.withStroke(linewidth=4.5, foreground="black")] if best else None
+        ax.plot(xs, ys, _LINESTYLE.get(row["state"], "-"), color=color, marker="o", markersize=3, path_effects=outline,
+                linewidth=2.6 if best else 1.3, zorder=4 if best else 3, label=_label(row) + (" (best)" if best else ""))
+        if len(xs) > 1:
+            ax.fill_between(xs, lows, highs, color=color, alpha=0.25 if best else 0.1, linewidth=0, zorder=2)
+        elif math.isfinite(lows[0]):
+            ax.errorbar(xs, ys, yerr=[[ys[0] - lows[0]], [highs[0] - ys[0]]], fmt="none", ecolor=color, capsize=3)
+        if best:
+            best_points = (row, points)
+    if not ax.get_lines():
         plt.close(fig)
         return False
+    if best_points is not None:
+        _mark_best_checkpoint(ax, *best_points)
+    n = next(iter(sizes)) if len(sizes) == 1 else None
     ax.set_xlabel("examples seen")
     ax.set_ylabel("accuracy")
-    ax.set_title("Evaluator accuracy per trial (dashed: pruned)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"Evaluator accuracy per trial; shaded: 95% Wilson interval ({f'n={n}' if n else 'n per evaluation'}; dashed: pruned)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
@@ -159,20 +215,44 @@ def _plot_hyperparams(plt, rows, summary, path: Path) -> bool:
     return True
 
 
-def _plot_categories(plt, rows, path: Path) -> bool:
-    graded = [r for r in rows if isinstance(r.get("categories"), dict)]
+def _bar_label(row: dict[str, Any], best_trial: int | None) -> str:
+    notes = ["best" if row["number"] == best_trial else "tied" if row["tied_with_best"] else "",
+             "" if row["state"] == "COMPLETE" else row["state"].lower()]
+    return "\n".join([f"#{row['number']}", *(n for n in notes if n)])
+
+
+def _plot_categories(plt, rows, best_trial: int | None, path: Path) -> bool:
+    graded = [r for r in rows if isinstance(r.get("categories"), dict) and sum(r["categories"].values()) > 0]
     if not graded:
         return False
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(graded) + 3), 5))
-    xs = [f"#{r['number']}" + ("" if r["state"] == "COMPLETE" else f"\n{r['state'].lower()}") for r in graded]
+    fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(graded) + 3.5), 5.5))
+    xs = list(range(len(graded)))
+    totals = [sum(float(r["categories"].get(c, 0)) for c in CATEGORIES) for r in graded]
     bottom = [0.0] * len(graded)
     colors = {"correct": "#2ca02c", "wrong_answer": "#d62728", "format_failure": "#7f7f7f"}
+    edges = ["black" if r["number"] == best_trial else "none" for r in graded]
     for cat in CATEGORIES:
-        heights = [float(r["categories"].get(cat, 0)) for r in graded]
-        ax.bar(xs, heights, bottom=bottom, color=colors[cat], label=cat.replace("_", " "))
+        heights = [float(r["categories"].get(cat, 0)) / t for r, t in zip(graded, totals)]
+        ax.bar(xs, heights, bottom=bottom, color=colors[cat], edgecolor=edges, linewidth=2, label=cat.replace("_", " "))
         bottom = [b + h for b, h in zip(bottom, heights)]
-    ax.set_ylabel("validation problems (at the trial's best step)")
-    ax.set_title("Evaluator grades per trial")
+    with_ci = [(x, r) for x, r in zip(xs, graded) if r.get("accuracy_ci")]
+    if with_ci:
+        shares = [float(r["categories"].get("correct", 0)) / totals[x] for x, r in with_ci]
+        ax.errorbar([x for x, _ in with_ci], shares, fmt="none", ecolor="black", capsize=4, linewidth=1.2,
+                    yerr=[[max(0.0, s - r["accuracy_ci"][0]) for s, (_, r) in zip(shares, with_ci)],
+                          [max(0.0, r["accuracy_ci"][1] - s) for s, (_, r) in zip(shares, with_ci)]],
+                    label="correct: 95% Wilson interval")
+    best = next((r for r in graded if r["number"] == best_trial and r.get("accuracy_ci")), None)
+    if best is not None:
+        # The band sits behind the bars; its edges are drawn over them so a tie can be read off.
+        ax.axhspan(*best["accuracy_ci"], color="gold", alpha=0.35, zorder=0.5,
+                   label=f"best #{best['number']}: {format_accuracy(best['accuracy'], best['accuracy_ci'])}")
+        for edge in best["accuracy_ci"]:
+            ax.axhline(edge, color="darkgoldenrod", linestyle="--", linewidth=1, zorder=5)
+    ax.set_xticks(xs, [_bar_label(r, best_trial) for r in graded], fontsize=8)
+    ax.set_ylim(0, 1.0)
+    ax.set_ylabel("share of graded problems (at the trial's best step)")
+    ax.set_title("Evaluator grades per trial; an interval that reaches the dashed band is tied with the best", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -181,7 +261,43 @@ def _plot_categories(plt, rows, path: Path) -> bool:
     return True
 
 
-def _plot_optuna(plt, study: optuna.Study, metric: str, plots_dir: Path, done: dict[str, str], skipped: dict[str, str]) -> None:
+def _plot_importance(plt, summary: dict[str, Any], path: Path) -> bool:
+    """fANOVA importances at the first rung (pruned trials included) and, when there are
+    enough, on the complete trials; each panel names the trials it used."""
+    importance = summary.get("importance") or {}
+    panels = [(key, importance[key]) for key in ("first_rung", "complete") if importance.get(key)]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    for ax, (key, data) in zip(axes[0], panels):
+        names = sorted(data["values"], key=data["values"].get)
+        values = [data["values"][n] for n in names]
+        ax.barh(names, values, color="#1f77b4" if key == "first_rung" else "#9467bd")
+        for y, v in enumerate(values):
+            ax.annotate(f"{v:.2f}", (v, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=9)
+        ax.set_xlim(0, 1.12)
+        ax.set_xlabel("importance (fANOVA, sums to 1)")
+        title = describe(key, data).replace(", pruned included", ",\npruned included")
+        ax.set_title(f"{title}\ntrials {format_numbers(data['trials'])}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Hyperparameter importance (fANOVA) for {summary['metric']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _mark_rungs(ax, rungs: list[int]) -> None:
+    """The pruner's rungs as vertical lines: where the values it judged were taken."""
+    low, high = ax.get_xlim()
+    for k, rung in enumerate(rungs):
+        if low <= rung <= high:
+            ax.axvline(rung, color="black", linestyle=":", linewidth=1)
+            ax.annotate(f"rung {k}", (rung, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", fontsize=8)
+
+
+def _plot_optuna(plt, study: optuna.Study, metric: str, rungs: list[int], plots_dir: Path, done: dict[str, str], skipped: dict[str, str]) -> None:
     from optuna.visualization import matplotlib as ovm
 
     trials = study.get_trials(deepcopy=False)
@@ -189,7 +305,6 @@ def _plot_optuna(plt, study: optuna.Study, metric: str, plots_dir: Path, done: d
     jobs = [
         ("optimization_history.png", ovm.plot_optimization_history, complete >= 1, "no complete trial"),
         ("intermediate_values.png", ovm.plot_intermediate_values, any(t.intermediate_values for t in trials), "no trial reported a value"),
-        ("param_importances.png", ovm.plot_param_importances, complete >= 2, "importances need at least 2 complete trials"),
     ]
     for name, plot, ready, why in jobs:
         (plots_dir / name).unlink(missing_ok=True)  # a stale plot from an earlier run would mislead
@@ -208,6 +323,7 @@ def _plot_optuna(plt, study: optuna.Study, metric: str, plots_dir: Path, done: d
         if name == "intermediate_values.png":
             ax.set_xlabel("examples seen")
             ax.set_ylabel(metric)
+            _mark_rungs(ax, rungs)
         elif name == "optimization_history.png":
             ax.set_ylabel(metric)
         fig.set_size_inches(9, 5.5)
@@ -217,20 +333,24 @@ def _plot_optuna(plt, study: optuna.Study, metric: str, plots_dir: Path, done: d
         done[name] = str(plots_dir / name)
 
 
-def make_plots(study: optuna.Study, summary: dict[str, Any], results_dir: str | Path) -> tuple[dict[str, str], dict[str, str]]:
+def make_plots(study: optuna.Study, summary: dict[str, Any], results_dir: str | Path,
+               histories: dict[int, dict[str, list[dict]]] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """Draw every plot the data allows; returns (written name -> path, skipped name -> why)."""
     plt = _pyplot()
     plots_dir = Path(results_dir) / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     rows = summary["trials"]
-    histories = {r["number"]: load_history(results_dir, summary["study"], r["number"]) for r in rows}
+    best = summary["best_trial"]
+    histories = histories if histories is not None else load_histories(results_dir, summary)
     done: dict[str, str] = {}
     skipped: dict[str, str] = {}
+    no_importance = "; ".join((summary.get("importance") or {}).get("skipped", {}).values()) or "no importance computed"
     own = [
         ("training_loss.png", lambda p: _plot_losses(plt, rows, histories, summary["metric"], p), "no trial logged a loss"),
-        ("eval_accuracy.png", lambda p: _plot_accuracy(plt, rows, histories, p), "no evaluator results (evaluator disabled or none finished)"),
+        ("eval_accuracy.png", lambda p: _plot_accuracy(plt, rows, histories, best, p), "no evaluator results (evaluator disabled or none finished)"),
         ("hyperparam_comparison.png", lambda p: _plot_hyperparams(plt, rows, summary, p), "needs two numeric parameters and at least one trial"),
-        ("categorization.png", lambda p: _plot_categories(plt, rows, p), "no evaluator results (evaluator disabled or none finished)"),
+        ("categorization.png", lambda p: _plot_categories(plt, rows, best, p), "no evaluator results (evaluator disabled or none finished)"),
+        ("param_importances.png", lambda p: _plot_importance(plt, summary, p), no_importance),
     ]
     for name, draw, why in own:
         path = plots_dir / name
@@ -239,7 +359,5 @@ def make_plots(study: optuna.Study, summary: dict[str, Any], results_dir: str | 
         else:
             path.unlink(missing_ok=True)  # a stale plot from an earlier run would mislead
             skipped[name] = why
-    _plot_optuna(plt, study, summary["metric"], plots_dir, done, skipped)
+    _plot_optuna(plt, study, summary["metric"], summary.get("rungs") or [], plots_dir, done, skipped)
     return done, skipped
-
-

@@ -8,7 +8,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lit_sft.study.config import StudyConfig
-from lit_sft.study.report import format_value
+from lit_sft.study.report import accuracy_figures, format_accuracy, format_value
 
 
 def _head(number: int, n_trials: int, slot: int | None) -> str:
@@ -35,11 +35,12 @@ class Progress:
         a = trial.user_attrs
         head = f"{_head(trial.number, cfg.n_trials, self.slots.get(trial.number))} {trial.state.name.lower()}"
         secs = f" in {trial.duration.total_seconds():.0f}s" if trial.duration else ""
+        accuracy, interval, n = accuracy_figures(a)
+        acc = f" accuracy={format_accuracy(accuracy, interval, n)}" if accuracy is not None else ""
         if trial.state == TrialState.COMPLETE:
-            acc = f" accuracy={a['accuracy']:.3f}" if a.get("accuracy") is not None else ""
             body = f" {cfg.metric}={format_value(trial.value)}{acc} (best at {a.get('best_examples_seen')} examples){secs}"
         elif trial.state == TrialState.PRUNED:
-            body = f" at {a.get('pruned_at')} examples ({cfg.metric} best {format_value(a.get('best_objective'))}){secs}"
+            body = f" at {a.get('pruned_at')} examples ({cfg.metric} best {format_value(a.get('best_objective'))}{',' + acc if acc else ''}){secs}"
         else:
             where = f" [traceback: {a['traceback_file']}]" if "traceback_file" in a else ""
             body = f" ({a.get('reason', '?')}): {a.get('error', 'no error recorded')}{where}"

@@ -1,4 +1,4 @@
-"""What a study leaves behind: study_results.yaml, a trials table, and plots.
+"""What a study leaves behind: study_results.yaml, REPORT.md, a trials table, and plots.
 
 Everything is read back from the study's storage and the per-trial files under
 `results_dir/trials/<study>/trial-NNNN/`, never from this process's memory, so the report of a
@@ -18,8 +18,11 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from lit_sft.stats import accuracy_interval, intervals_overlap
+
 CATEGORIES = ("correct", "wrong_answer", "format_failure")
 RESULTS_FILE = "study_results.yaml"
+REPORT_FILE = "REPORT.md"
 BEST_MODEL_DIR = "best_model"
 BEST_MODEL_MARKER = "lit_sft_trial.json"
 """Written beside the best model's weights: which study and trial they are, and its value."""
@@ -33,7 +36,7 @@ def trial_dir(results_dir: str | Path, study_name: str, number: int) -> Path:
     return Path(results_dir) / "trials" / study_name / f"trial-{number:04d}"
 
 
-def _write_atomic(path: Path, text: str) -> Path:
+def write_atomic(path: Path, text: str) -> Path:
     """Write-then-rename: a reader (the report of another worker) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -43,7 +46,7 @@ def _write_atomic(path: Path, text: str) -> Path:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    return _write_atomic(path, json.dumps(data, default=_jsonable))
+    return write_atomic(path, json.dumps(data, default=_jsonable))
 
 
 def _jsonable(value: Any) -> Any:
@@ -69,7 +72,7 @@ def load_history(results_dir: str | Path, study_name: str, number: int) -> dict[
         return {"history": [], "evaluations": []}
 
 
-# ---- summary --------------------------------------------------------------------------------
+# ---- accuracy and its interval ----------------------------------------------------------------
 
 
 def _finite(value: Any) -> float | None:
@@ -79,8 +82,69 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def trial_row(trial: FrozenTrial) -> dict[str, Any]:
+def _rounded(interval: Any) -> list[float] | None:
+    return [round(float(interval[0]), 4), round(float(interval[1]), 4)] if interval is not None else None
+
+
+def accuracy_figures(attrs: dict[str, Any]) -> tuple[float | None, list[float] | None, int | None]:
+    """A trial's accuracy, its 95% Wilson interval and n (problems graded), from its user attrs.
+
+    Trials recorded before the interval was carry only the grade counts: every graded problem
+    gets exactly one category, so n is their sum and the interval is rebuilt from them.
+    """
+    categories = attrs.get("categories") if isinstance(attrs.get("categories"), dict) else {}
+    n = attrs.get("accuracy_n") or sum(int(categories.get(c, 0)) for c in CATEGORIES) or None
+    interval = attrs.get("accuracy_ci")
+    if interval is None and "correct" in categories:
+        interval = accuracy_interval(categories["correct"], n)
+    return _finite(attrs.get("accuracy")), _rounded(interval), n
+
+
+def format_accuracy(accuracy: float | None, interval: list[float] | None, n: int | None = None) -> str:
+    """`0.612 [0.569, 0.654]`: every accuracy shown with its 95% interval, n when asked."""
+    if accuracy is None:
+        return "-"
+    text = f"{accuracy:.3f}"
+    if interval is not None:
+        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return text + (f" (n={n})" if n else "")
+
+
+# ---- summary --------------------------------------------------------------------------------
+
+
+def study_rungs(study: optuna.Study, trials: list[FrozenTrial]) -> list[int]:
+    """The pruner's rung positions in examples seen: as the trials recorded them, else the first
+    from the pruner this process built (a study loaded without it has none to tell)."""
+    for trial in trials:
+        if trial.user_attrs.get("rungs"):
+            return sorted(int(r) for r in trial.user_attrs["rungs"])
+    pruner = study.pruner
+    low = getattr(pruner, "_min_resource", None)
+    factor = getattr(pruner, "_reduction_factor", None)
+    skip = getattr(pruner, "_min_early_stopping_rate", 0)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in (low, factor, skip)):
+        return [low * factor**skip]
+    return []
+
+
+def _pruned_rung(trial: FrozenTrial, rungs: list[int]) -> int | None:
+    """Index of the rung that pruned the trial (0 = the first); None before any rung or unknown.
+
+    From the rung positions when known. Else from Optuna's rung bookkeeping: a trial judged at a
+    rung records it (`completed_rung_<k>`) before it is pruned there.
+    """
+    at = trial.user_attrs.get("pruned_at")
+    if rungs and at is not None:
+        passed = [r for r in rungs if r <= at]
+        return len(passed) - 1 if passed else None
+    completed = sum(key.startswith("completed_rung_") for key in trial.system_attrs)
+    return completed - 1 if completed else None
+
+
+def trial_row(trial: FrozenTrial, rungs: list[int] | None = None) -> dict[str, Any]:
     attrs = trial.user_attrs
+    accuracy, interval, n = accuracy_figures(attrs)
     row: dict[str, Any] = {
         "number": trial.number,
         "state": trial.state.name,
@@ -88,26 +152,99 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         # Optuna stores a pruned trial's last report as its value; only a complete trial has an objective.
         "value": _finite(trial.value) if trial.state == TrialState.COMPLETE else None,
         "best_objective": _finite(attrs.get("best_objective")),
-        "accuracy": _finite(attrs.get("accuracy")),
+        "accuracy": accuracy,
+        "accuracy_ci": interval,
+        "accuracy_n": n,
+        "accuracy_step": attrs.get("accuracy_step"),
+        "tied_with_best": None,
         "categories": attrs.get("categories"),
         "best_step": attrs.get("best_step"),
         "best_examples_seen": attrs.get("best_examples_seen"),
         "examples_seen": attrs.get("examples_seen"),
+        "examples_budget": attrs.get("examples_budget"),
+        "stopped_early": attrs.get("stopped_early"),
         "duration_s": round(trial.duration.total_seconds(), 1) if trial.duration else None,
     }
     if trial.state == TrialState.PRUNED:
         row["pruned_at"] = attrs.get("pruned_at")
+        row["pruned_rung"] = _pruned_rung(trial, rungs or [])
     if trial.state == TrialState.FAIL:
         row["error"] = attrs.get("error", "no error recorded (the worker died or was interrupted)")
         row["reason"] = attrs.get("reason", "stale" if "error" not in attrs else "exception")
     return row
 
 
+def mark_ties(rows: list[dict[str, Any]], best_number: int | None) -> list[int]:
+    """Set `tied_with_best` on every other trial with an interval: whether it overlaps the best's.
+
+    Overlapping 95% intervals do not prove equal accuracy, but with this n the data cannot rank
+    them: a tied trial is as good a pick as the best on accuracy. Returns the tied trials.
+    """
+    best = next((r for r in rows if r["number"] == best_number), None)
+    if best is None or best["accuracy_ci"] is None:
+        return []
+    for row in rows:
+        if row is not best and row["accuracy_ci"] is not None:
+            row["tied_with_best"] = intervals_overlap(row["accuracy_ci"], best["accuracy_ci"])
+    return [r["number"] for r in rows if r["tied_with_best"]]
+
+
+def final_test(study: optuna.Study, best_number: int | None) -> dict[str, Any] | None:
+    """The final test result (study attr `final_test`), flagged stale when it graded another
+    trial than the current best: a resumed study can find a new best after the test ran."""
+    test = study.user_attrs.get("final_test")
+    if not isinstance(test, dict):
+        return None
+    out: dict[str, Any] = {"trial": test.get("trial")}
+    if test.get("error"):
+        out["error"] = str(test["error"])
+    else:
+        categories = test.get("categories") if isinstance(test.get("categories"), dict) else None
+        n = test.get("n") or (sum(int(v) for v in categories.values()) if categories else None)
+        interval = test.get("accuracy_ci") or (accuracy_interval(categories.get("correct"), n) if categories else None)
+        out.update(accuracy=_finite(test.get("accuracy")), ci=_rounded(interval), n=n, categories=categories,
+                   format_accuracy=_finite(test.get("format_accuracy")), source=test.get("source"))
+    out["stale"] = out["trial"] != best_number
+    if out["stale"]:
+        now = f"trial {best_number} is" if best_number is not None else "no trial is"
+        out["note"] = f"graded trial {out['trial']}, but {now} the best now"
+    return out
+
+
+def _full_budget(rows: list[dict[str, Any]]) -> int | None:
+    """A complete trial that did not stop early trained its whole budget: the estimate for
+    trials that did not record theirs."""
+    full = [r["examples_seen"] for r in rows if r["state"] == "COMPLETE" and r["stopped_early"] is False and r["examples_seen"]]
+    return max(full) if full else None
+
+
+def pruning_savings(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Examples the complete and pruned trials trained, against their full budgets."""
+    counted = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED") and r["examples_seen"] is not None]
+    estimate = _full_budget(counted)
+    budgets = [r["examples_budget"] or estimate for r in counted]
+    if not counted or None in budgets:
+        return None
+    saved = {state: sum(b - r["examples_seen"] for r, b in zip(counted, budgets) if r["state"] == state) for state in ("PRUNED", "COMPLETE")}
+    return {
+        "trials": len(counted),
+        "examples_trained": sum(r["examples_seen"] for r in counted),
+        "examples_full_budget": sum(budgets),
+        "saved_by_pruning": saved["PRUNED"],
+        "saved_by_early_stopping": saved["COMPLETE"],
+        "budget_estimated": any(not r["examples_budget"] for r in counted),
+    }
+
+
 def summarize(study: optuna.Study, *, metric: str, n_trials: int, results_dir: str | Path) -> dict[str, Any]:
+    from lit_sft.study.importance import importances
+
     trials = study.get_trials(deepcopy=False)
-    rows = [trial_row(t) for t in trials]
+    rungs = study_rungs(study, trials)
+    rows = [trial_row(t, rungs) for t in trials]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = study.best_trial if complete else None
+    best_row = next((r for r in rows if best is not None and r["number"] == best.number), None)
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
     summary: dict[str, Any] = {
         "study": study.study_name,
@@ -118,9 +255,16 @@ def summarize(study: optuna.Study, *, metric: str, n_trials: int, results_dir: s
         "best_trial": best.number if best else None,
         "best_value": _finite(best.value) if best else None,
         "best_params": dict(best.params) if best else None,
-        "best_accuracy": _finite(best.user_attrs.get("accuracy")) if best else None,
-        "best_categories": best.user_attrs.get("categories") if best else None,
+        "best_accuracy": best_row["accuracy"] if best_row else None,
+        "best_accuracy_ci": best_row["accuracy_ci"] if best_row else None,
+        "best_accuracy_n": best_row["accuracy_n"] if best_row else None,
+        "best_categories": best_row["categories"] if best_row else None,
+        "tied_with_best": mark_ties(rows, best_row["number"] if best_row else None),
+        "test_accuracy": final_test(study, best.number if best else None),
         "best_model": None,
+        "rungs": rungs,
+        "pruning": pruning_savings(rows),
+        "importance": importances(study, trials, rungs),
         "trials": rows,
         "failures": [{"number": r["number"], "reason": r["reason"], "error": r["error"]} for r in rows if r["state"] == "FAIL"],
     }
@@ -137,29 +281,36 @@ def objective_of(row: dict[str, Any]) -> float | None:
     return row["value"] if row["value"] is not None else row["best_objective"]
 
 
+def trial_note(row: dict[str, Any]) -> str:
+    """Where the trial ended (or why it failed), and whether its accuracy ties the best's."""
+    notes = []
+    if row["state"] == "PRUNED" and row.get("pruned_at") is not None:
+        notes.append(f"pruned at {row['pruned_at']:,} examples")
+    elif row["state"] == "FAIL":
+        notes.append(f"{row['reason']}: {row['error']}"[:80])
+    elif row["state"] == "COMPLETE" and row.get("best_examples_seen") is not None:
+        notes.append(f"best at {row['best_examples_seen']:,} examples")
+    if row["tied_with_best"]:
+        notes.append("tied with the best (95%)")
+    return "; ".join(notes)
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """The trials as an aligned text table, best trial marked with *."""
     rows = summary["trials"]
     names = list(dict.fromkeys(name for r in rows for name in r["params"]))
-    header = ["trial", "state", *names, summary["metric"], "accuracy", "examples", "note"]
+    header = ["trial", "state", *names, summary["metric"], "accuracy [95%]", "examples", "note"]
     lines = []
     for r in rows:
-        note = ""
-        if r["state"] == "PRUNED" and r.get("pruned_at") is not None:
-            note = f"pruned at {r['pruned_at']} examples"
-        elif r["state"] == "FAIL":
-            note = f"{r['reason']}: {r['error']}"[:80]
-        elif r["state"] == "COMPLETE" and r.get("best_examples_seen") is not None:
-            note = f"best at {r['best_examples_seen']} examples"
         value = objective_of(r)
         cells = [
             f"{r['number']}{'*' if r['number'] == summary['best_trial'] else ''}",
             r["state"].lower(),
             *(format_value(r["params"].get(n)) for n in names),
             format_value(value) + ("" if r["value"] is not None or value is None else " (best)"),
-            format_value(r["accuracy"]),
+            format_accuracy(r["accuracy"], r["accuracy_ci"]),
             format_value(r["examples_seen"]),
-            note,
+            trial_note(r),
         ]
         lines.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
@@ -177,17 +328,34 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """No `&id001` anchors: the best trial's figures are the same objects as its row's, and a
+    reader of the file should see the numbers twice, not a reference."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def write_results(summary: dict[str, Any], results_dir: str | Path) -> Path:
-    return _write_atomic(Path(results_dir) / RESULTS_FILE, yaml.safe_dump(summary, sort_keys=False, default_flow_style=None, width=120))
+    text = yaml.dump(summary, Dumper=_PlainDumper, sort_keys=False, default_flow_style=None, width=120)
+    return write_atomic(Path(results_dir) / RESULTS_FILE, text)
+
+
+def load_histories(results_dir: str | Path, summary: dict[str, Any]) -> dict[int, dict[str, list[dict]]]:
+    return {r["number"]: load_history(results_dir, summary["study"], r["number"]) for r in summary["trials"]}
 
 
 def write_report(study: optuna.Study, *, metric: str, n_trials: int, results_dir: str | Path, plots: bool = True, print_fn=print) -> dict[str, Any]:
-    """study_results.yaml (and plots) from the storage; prints the trials table. Returns the summary."""
+    """study_results.yaml, REPORT.md (and plots) from the storage; prints the trials table. Returns the summary."""
+    from lit_sft.study.markdown import write_markdown
+
     summary = summarize(study, metric=metric, n_trials=n_trials, results_dir=results_dir)
+    histories = load_histories(results_dir, summary)
     if plots and summary["trials"]:
         from lit_sft.study.plots import make_plots
 
-        summary["plots"], summary["plots_skipped"] = make_plots(study, summary, results_dir)
+        summary["plots"], summary["plots_skipped"] = make_plots(study, summary, results_dir, histories)
+    summary["report_file"] = str(write_markdown(summary, histories, results_dir))
     summary["results_file"] = str(write_results(summary, results_dir))
     print_fn(format_table(summary))
     for line in _closing_lines(summary):
@@ -200,14 +368,31 @@ def _closing_lines(summary: dict[str, Any]) -> Iterable[str]:
     yield f"study {summary['study']}: {counts or 'no trials'}"
     if summary["best_trial"] is not None:
         params = ", ".join(f"{k}={format_value(v)}" for k, v in summary["best_params"].items())
-        acc = f", accuracy {summary['best_accuracy']:.3f}" if summary["best_accuracy"] is not None else ""
-        yield f"best: trial {summary['best_trial']} {summary['metric']}={format_value(summary['best_value'])}{acc} ({params})"
+        acc = summary["best_accuracy"]
+        shown = f", accuracy {format_accuracy(acc, summary['best_accuracy_ci'], summary['best_accuracy_n'])}" if acc is not None else ""
+        yield f"best: trial {summary['best_trial']} {summary['metric']}={format_value(summary['best_value'])}{shown} ({params})"
+        if summary["best_accuracy_ci"] is not None:
+            tied = summary["tied_with_best"]
+            yield f"tied with the best at 95%: {'trials ' + ', '.join(map(str, tied)) if tied else 'none'}"
     else:
         yield "best: none (no trial completed)"
+    test = summary.get("test_accuracy")
+    if test is not None:
+        yield f"final test: {format_test(test)}"
     for failure in summary["failures"]:
         yield f"failed: trial {failure['number']} ({failure['reason']}): {failure['error']}"
     if summary["best_model"]:
         yield f"best model: {summary['best_model']}"
     yield f"results: {summary['results_file']}"
+    yield f"report: {summary['report_file']}"
     if summary.get("plots"):
         yield f"plots: {Path(next(iter(summary['plots'].values()))).parent}"
+
+
+def format_test(test: dict[str, Any]) -> str:
+    """One line for the final test result; a stale one says whose it is."""
+    if test.get("error"):
+        return f"trial {test['trial']} failed: {test['error']}"
+    source = f", {test['source']}" if test.get("source") else ""
+    text = f"trial {test['trial']} accuracy {format_accuracy(test['accuracy'], test['ci'])} (n={test['n']}{source})"
+    return text + (f" [stale: {test['note']}]" if test["stale"] else "")
