@@ -185,5 +185,18 @@ def check(cfg: dict[str, Any]) -> None:
         path = data.get(key)
         if path and not Path(path).is_file():
             problems.append(f"data.{key}: no such file: {path}")
+    problems.extend(objective_problems(cfg))
     if problems:
         raise UserError("; ".join(problems))
+
+
+def objective_problems(cfg: dict[str, Any]) -> list[str]:
+    """An evaluator metric as the objective needs the evaluator that returns it."""
+    from lit_sft.metrics import is_late
+
+    watched = [("early_stopping.monitor", (cfg.get("early_stopping") or {}).get("monitor"))]
+    if cfg.get("study"):
+        watched.append(("study.metric", cfg["study"].get("metric")))
+    enabled = (cfg.get("evaluator") or {}).get("enabled", True)
+    return [f"{key}: {metric} comes from the evaluator; set evaluator.enabled: true (or use eval/loss)"
+            for key, metric in watched if metric and is_late(metric) and not enabled]

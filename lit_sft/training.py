@@ -14,10 +14,12 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 
 from callbacks.history import History
-from lit_sft.config import apply_budget, complete
 from lit_sft.available import has_module
+from lit_sft.config import apply_budget, complete, objective_problems
 from lit_sft.data import SFTDataModule
+from lit_sft.errors import UserError
 from lit_sft.evaluator.launch import start_evaluator
+from lit_sft.metrics import EVALUATOR_FIGURES, evaluator_figure
 from lit_sft.module import SFTModule
 
 log = logging.getLogger(__name__)
@@ -63,9 +65,35 @@ def _callbacks(cfg: dict[str, Any], history: History) -> list[Callback]:
 
         out.append(StepProgressBar(leave=False))
     stop = cfg["early_stopping"]
-    if stop["enabled"]:
+    if stop["enabled"] and evaluator_figure(stop["monitor"]) is not None:
+        from callbacks.late_metrics import ResultEarlyStopping
+
+        out.append(ResultEarlyStopping(monitor=stop["monitor"], mode=stop["mode"], patience=stop["patience"], min_delta=stop["min_delta"]))
+    elif stop["enabled"]:
         out.append(EarlyStopping(monitor=stop["monitor"], mode=stop["mode"], patience=stop["patience"], min_delta=stop["min_delta"]))
     return out
+
+
+def _poster(cfg: dict[str, Any], evaluator: Any, run_name: str | None, keep_best_weights: bool) -> list[Callback]:
+    """The checkpoint poster, and the stop sync that must follow it when results decide stops."""
+    from callbacks.checkpoint_poster import CheckpointPoster
+    from callbacks.late_metrics import StopSync
+
+    stop = cfg["early_stopping"]
+    figure = evaluator_figure(stop["monitor"])
+    keep = (figure, stop["mode"]) if figure is not None and keep_best_weights else None
+    weights_dir = Path(cfg["output_dir"]) / "weights" / (run_name or "run")
+    poster = CheckpointPoster(evaluator, run_name or "run", weights_dir, final_wait_s=cfg["evaluator"]["final_wait_s"], keep_best=keep)
+    return [poster, StopSync()] if figure is not None else [poster]
+
+
+def _listen(trainer: Trainer) -> None:
+    """Register every callback that acts on evaluator results with the checkpoint poster."""
+    from callbacks.checkpoint_poster import CheckpointPoster
+
+    posters = [c for c in trainer.callbacks if isinstance(c, CheckpointPoster)]
+    for poster in posters:
+        poster.listeners.extend(c.on_evaluator_result for c in trainer.callbacks if hasattr(c, "on_evaluator_result"))
 
 
 def _share_cpu_with(evaluator: Any, trainer: Trainer) -> None:
@@ -92,6 +120,7 @@ def _result(history: History, model: SFTModule, trainer: Trainer, evaluations: l
         "best_examples_seen": best.get("examples_seen"),
         "global_step": trainer.global_step,
         "examples_seen": model.examples_seen,
+        "max_steps": trainer.max_steps,
         "stopped_early": bool(trainer.should_stop and trainer.global_step < (trainer.max_steps or 0)),
         "seconds": seconds,
         "evaluations": evaluations,
@@ -107,9 +136,9 @@ def _accuracy_at(evaluations: list[dict], step: int | None) -> dict[str, Any]:
     if not good:
         return {}
     chosen = next((e for e in good if e["step"] == step), None) or max(good, key=lambda e: e["step"])
-    keys = ("accuracy", "format_accuracy", "correct", "wrong_answer", "format_failure", "mean_response_length")
-    out = {f"eval/{k}": chosen[k] for k in keys if k in chosen}
+    out = {f"eval/{k}": chosen[k] for k in EVALUATOR_FIGURES if k in chosen}
     out["accuracy_step"] = chosen["step"]
+    out["accuracy_n"] = chosen.get("num_problems")
     out["best_accuracy"] = max(e["accuracy"] for e in good)
     return out
 
@@ -129,29 +158,31 @@ def train(
     `cfg["evaluator"]["enabled"]`, one is started for this run and stopped at its end.
     """
     cfg = apply_budget(complete(cfg, tune="study" in cfg))
+    problems = objective_problems(cfg)
+    if problems:
+        raise UserError("; ".join(problems))
     pl.seed_everything(cfg["seed_everything"], workers=True, verbose=False)
     model = SFTModule(**cfg["model"])
     data_kwargs = dict(cfg["data"])
     data_kwargs["tokenizer_name_or_path"] = data_kwargs.get("tokenizer_name_or_path") or model.model_path
     data = SFTDataModule(**data_kwargs)
     stop = cfg["early_stopping"]
-    history = History(monitor=stop["monitor"], mode=stop["mode"], keep_best_weights=keep_best_weights)
-    all_callbacks = _callbacks(cfg, history) + list(callbacks)
+    history = History(monitor=stop["monitor"], mode=stop["mode"], keep_best_weights=keep_best_weights and evaluator_figure(stop["monitor"]) is None)
     params = logger_params if logger_params is not None else {k: cfg[k] for k in ("model", "data", "trainer")}
-    logger = make_logger(cfg["wandb"], run_name, params)
-    trainer = Trainer(**_trainer_kwargs(cfg), callbacks=all_callbacks, logger=logger)
     own_evaluator = evaluator is None and cfg["evaluator"]["enabled"]
     poster = None
+    logger = None
     threads = torch.get_num_threads()
     try:
         if own_evaluator:
             evaluator = start_evaluator(cfg)
-        if evaluator is not None:
-            from callbacks.checkpoint_poster import CheckpointPoster
-
-            weights_dir = Path(cfg["output_dir"]) / "weights" / (run_name or "run")
-            poster = CheckpointPoster(evaluator, run_name or "run", weights_dir, final_wait_s=cfg["evaluator"]["final_wait_s"])
-            trainer.callbacks.append(poster)
+        posting = _poster(cfg, evaluator, run_name, keep_best_weights) if evaluator is not None else []
+        poster = posting[0] if posting else None
+        logger = make_logger(cfg["wandb"], run_name, params)
+        # The poster before the caller's callbacks: a result it collects at the end of a step
+        # reaches pruning and early stopping within that same step.
+        trainer = Trainer(**_trainer_kwargs(cfg), callbacks=_callbacks(cfg, history) + posting + list(callbacks), logger=logger)
+        _listen(trainer)
         _share_cpu_with(evaluator, trainer)
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
@@ -164,14 +195,28 @@ def train(
     if history.best is None and trainer.global_step > 0:
         log.warning("no evaluation ran: trainer.val_check_interval=%s > steps run=%d", cfg["trainer"]["val_check_interval"], trainer.global_step)
     result = _result(history, model, trainer, list(poster.results) if poster else [], seconds)
+    result["batch_size"] = int(data.hparams.batch_size)
     if poster is not None:
         result["evaluator_blocked_s"] = poster.blocked_s
+        result["poster_received_at_step"] = dict(poster.received_at_step)
     result["data"] = {"examples": data.stats.examples, "truncated": data.stats.truncated, "dropped": data.stats.dropped, "filtered_wrong": data.stats.filtered_wrong}
     if keep_best_weights:
-        result["best_state"] = history.best_state
+        result["best_state"] = history.best_state if poster is None or poster.keep_best is None else _kept_state(model, poster)
     result["model"] = model.model
     result["tokenizer"] = data.tokenizer
     return result
+
+
+def _kept_state(model: SFTModule, poster: Any) -> dict[str, Any] | None:
+    """The best graded checkpoint's weights, read back from the file the poster kept (then deleted)."""
+    from lit_sft.weights import read_state
+
+    if poster.best_path is None:
+        return None
+    try:
+        return read_state(model.model, poster.best_path)
+    finally:
+        poster.best_path.unlink(missing_ok=True)
 
 
 def save_pretrained(result: dict[str, Any], out_dir: str | Path) -> Path:

@@ -142,3 +142,19 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
         tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
         if not tied:
             raise ValueError(f"checkpoint {path} lacks lm_head.weight")
+
+
+def read_state(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
+    """A `save_weights` file as a full CPU state dict of `model` (tied weights filled in), for `restore`."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    # Keyed as model.state_dict() is (restore's keys), looked up under the plain HF names the file has.
+    names = {raw: raw.removeprefix("_orig_mod.").removeprefix("module.") for raw in model.state_dict()}
+    missing = sorted(hf for hf in names.values() if hf not in state)
+    if missing:
+        raise ValueError(f"weights file {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return {raw: state[hf] for raw, hf in names.items()}

@@ -111,8 +111,8 @@ def test_missing_metric_warns_once_and_never_prunes(tmp_path):
     trial = study.ask({"lr": optuna.distributions.FloatDistribution(0.0, 0.2)})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer, pruning = _fit(trial, monitor="eval/accuracy")
-    missing = [w for w in caught if "eval/accuracy" in str(w.message)]
+        trainer, pruning = _fit(trial, monitor="eval/perplexity")
+    missing = [w for w in caught if "eval/perplexity" in str(w.message)]
     assert len(missing) == 1
     assert "eval/loss" in str(missing[0].message)  # names what was logged instead
     assert pruning.reports == [] and not pruning.pruned

@@ -17,7 +17,9 @@ from lit_sft import secrets
 from lit_sft import storage as storage_mod
 from lit_sft.devices import trial_world_size
 from lit_sft.errors import UserError
+from lit_sft.pruner import TolerantSuccessiveHalvingPruner
 from lit_sft.search_space import SearchSpace
+from lit_sft.stats import accuracy_interval
 from lit_sft.study import report
 from lit_sft.study.config import StudyConfig
 from lit_sft.study.progress import progress_start
@@ -41,6 +43,17 @@ def _better(value: float, best: float, direction: str) -> bool:
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return secrets.mask(f"{type(err).__name__}: {text}"[:500] if text else type(err).__name__)
+
+
+def _rungs(pruner: Any, budget: int) -> list[int]:
+    """Examples seen at each ASHA rung a trial of `budget` examples can reach."""
+    if not isinstance(pruner, TolerantSuccessiveHalvingPruner):
+        return []
+    rungs, k = [], pruner.min_early_stopping_rate
+    while (at := pruner.min_resource * pruner.reduction_factor**k) <= budget:
+        rungs.append(int(at))
+        k += 1
+    return rungs
 
 
 class Objective:
@@ -130,11 +143,21 @@ class Objective:
             attrs["accuracy"] = result["eval/accuracy"]
             attrs["accuracy_step"] = result.get("accuracy_step")
             attrs["categories"] = {c: int(result[f"eval/{c}"]) for c in report.CATEGORIES if f"eval/{c}" in result}
-        missing = sum(e.get("status") == "missing" for e in result["evaluations"])
-        if missing:
-            attrs["evaluations_missing"] = missing
+            attrs["accuracy_n"] = result.get("accuracy_n")
+            interval = accuracy_interval(result.get("eval/correct"), result.get("accuracy_n"))
+            if interval is not None:
+                attrs["accuracy_ci"] = [round(interval[0], 4), round(interval[1], 4)]
+        # Never a zero: an evaluation without a result is counted, and left out of every figure.
+        for status, key in (("missing", "evaluations_missing"), ("error", "evaluations_failed")):
+            count = sum(e.get("status") == status for e in result["evaluations"])
+            if count:
+                attrs[key] = count
         if pruning.pruned:
             attrs["pruned_at"] = pruning.pruned_at
+        attrs["examples_budget"] = int(result["max_steps"]) * int(result["batch_size"])
+        rungs = _rungs(trial.study.pruner, attrs["examples_budget"])
+        if rungs:
+            attrs["rungs"] = rungs
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         report.save_history(self.results_dir, self.study_cfg.name, trial.number, result["history"], result["evaluations"])
