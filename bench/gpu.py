@@ -564,37 +564,41 @@ def section_throughput(state: State) -> dict[str, Any]:
     summary = {"n_params_flops": n_params, "global_batch": plan.global_batch, "dtype": str(plan.dtype), "rows": rows}
     state.results["throughput"] = summary
     compiled = False
-    for config in plan.configs:
-        if state.only_configs and config.name not in state.only_configs:
-            continue
-        if config.needs_cuda and state.device.type != "cuda":
-            rows.append({"config": config.name, "error": "skipped: needs CUDA (Liger's Triton kernels)"})
-            continue
-        needed = plan.compile_budget_s if config.compile else plan.config_budget_s
-        if state.time_left() < needed:
-            rows.append({"config": config.name, "error": f"skipped: {state.time_left():.0f} s left in the section, {needed:.0f} s needed"})
-            continue
-        if config.compile and not compiled:
-            compile_layers(model)
-            compiled = True
-        try:
-            row = measure_config(state, model, optimizer, config, records, n_params)
-        except torch.OutOfMemoryError as err:
-            row = {"config": config.name, "error": f"OOM: {str(err).splitlines()[0]}"}
-        except Exception as err:  # one failing config (e.g. a compile error) must not end the grid
-            traceback.print_exc()
-            row = {"config": config.name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
-        optimizer.zero_grad(set_to_none=True)
+    try:
+        for config in plan.configs:
+            if state.only_configs and config.name not in state.only_configs:
+                continue
+            if config.needs_cuda and state.device.type != "cuda":
+                rows.append({"config": config.name, "error": "skipped: needs CUDA (Liger's Triton kernels)"})
+                continue
+            needed = plan.compile_budget_s if config.compile else plan.config_budget_s
+            if state.time_left() < needed:
+                rows.append({"config": config.name, "error": f"skipped: {state.time_left():.0f} s left in the section, {needed:.0f} s needed"})
+                continue
+            if config.compile and not compiled:
+                compile_layers(model)
+                compiled = True
+            try:
+                row = measure_config(state, model, optimizer, config, records, n_params)
+            except torch.OutOfMemoryError as err:
+                row = {"config": config.name, "error": f"OOM: {str(err).splitlines()[0]}"}
+            except Exception as err:  # one failing config (e.g. a compile error) must not end the grid
+                traceback.print_exc()
+                row = {"config": config.name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+            optimizer.zero_grad(set_to_none=True)
+            free_memory()
+            rows.append(row)
+            state.save()
+            print("  " + json.dumps(row), flush=True)
+    finally:
+        # Also after a section timeout: Liger patches module globals of transformers' Qwen2 file,
+        # which the next sections' freshly loaded models would otherwise be built with.
+        set_activation_checkpointing(model, False)
+        kernels.set_liger(model, False)
+        kernels.set_attention(model, "sdpa")
+        state.liger_mode = "none"
+        del optimizer
         free_memory()
-        rows.append(row)
-        state.save()
-        print("  " + json.dumps(row), flush=True)
-    set_activation_checkpointing(model, False)
-    kernels.set_liger(model, False)
-    kernels.set_attention(model, "sdpa")
-    state.liger_mode = "none"
-    del optimizer
-    free_memory()
     return summary
 
 
