@@ -44,7 +44,11 @@ def _loss(lr: float, seen: int) -> float:
     return 0.3 + 2.5 * math.exp(-seen * _quality(lr) / 3000)
 
 
-def simulated_objective(results_dir: Path, seed: int = 0):
+def simulated_objective(results_dir: Path, seed: int = 0, metric: str = "eval/loss"):
+    """The objective `metric`: eval/loss (minimized) or eval/accuracy (maximized, as the evaluator's
+    results arrive: here at once)."""
+    by_accuracy = metric == "eval/accuracy"
+
     def objective(trial: optuna.Trial) -> float:
         lr = trial.suggest_float("learning_rate", 1e-4, 3e-2, log=True)
         bs = trial.suggest_categorical("batch_size", [8, 16, 32, 64])
@@ -60,10 +64,13 @@ def simulated_objective(results_dir: Path, seed: int = 0):
                         {"step": step, "examples_seen": seen, "eval/loss": loss}]
             accuracy = 0.0 if math.isnan(loss) else 0.97 * _quality(lr) ** 2 * (1 - math.exp(-seen / 3000))
             evaluations.append(_evaluation(step, seen, accuracy, rng))
-            if not math.isnan(loss) and (best is None or loss < best[0] - 1e-3):
-                best = (loss, step, seen, evaluations[-1])
+            value = evaluations[-1]["accuracy"] if by_accuracy else loss
+            if by_accuracy:
+                history.append({"step": step, "examples_seen": seen, metric: value})
+            if not math.isnan(value) and (best is None or (value > best[0] + 1e-3 if by_accuracy else value < best[0] - 1e-3)):
+                best = (value, step, seen, evaluations[-1])
             _record(trial, best, seen)
-            trial.report(loss, seen)
+            trial.report(value, seen)
             if trial.should_prune():
                 trial.set_user_attr("pruned_at", seen)
                 save_history(results_dir, trial.study.study_name, trial.number, history, evaluations)
@@ -91,17 +98,19 @@ def _record(trial: optuna.Trial, best: tuple | None, seen: int) -> None:
     trial.set_user_attr("categories", {k: evaluation[k] for k in ("correct", "wrong_answer", "format_failure")})
 
 
-def simulated_study(storage: str | None, results_dir: Path, n_trials: int = 12, name: str = "sim", seed: int = 0) -> optuna.Study:
+def simulated_study(storage: str | None, results_dir: Path, n_trials: int = 12, name: str = "sim", seed: int = 0,
+                    metric: str = "eval/loss") -> optuna.Study:
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=3, multivariate=True)
     pruner = TolerantSuccessiveHalvingPruner(min_resource=RUNGS[0], reduction_factor=3, tolerance=0.05)
+    direction = "maximize" if metric == "eval/accuracy" else "minimize"
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner)
+        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner, direction=direction)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(["eval/loss"])  # as build.py names it: Optuna's plots label their axis by it
-        study.optimize(simulated_objective(results_dir, seed), n_trials=n_trials)
+            study.set_metric_names([metric])  # as build.py names it: Optuna's plots label their axis by it
+        study.optimize(simulated_objective(results_dir, seed, metric), n_trials=n_trials)
     finally:
         optuna.logging.set_verbosity(verbosity)
     return study

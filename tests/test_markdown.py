@@ -157,8 +157,9 @@ def test_stale_final_test_is_not_shown_as_the_best_trials(tmp_path):
     text = (results / "REPORT.md").read_text()
     assert "final test accuracy" not in text.split("## Final test")[0]
     section = text.split("## Final test")[1].split("\n## ")[0]
-    assert f"not the best trial's: trial {other} accuracy" in section
-    assert f"graded trial {other}, but trial {study.best_trial.number} is the best now" in section
+    test = study.user_attrs["final_test"]
+    assert section.strip().startswith(f"The final test on record graded trial {other}: {test['accuracy']:.3f} [")
+    assert f"That is not the best trial's result: trial {study.best_trial.number} is the best now." in section
 
 
 def test_report_of_a_study_without_evaluator_or_rungs(tmp_path):
@@ -175,4 +176,28 @@ def test_report_of_a_study_without_evaluator_or_rungs(tmp_path):
     assert "## Best trial: #1" in text and "## All trials" in text
     assert "## Tied with the best" not in text and "validation accuracy" not in text
     assert not re.search(r"\bNone\b(?! of the)", text)
-    assert "Not computed on the first rung: 0 trials reached the first rung; importance needs 4." in text
+    assert "- **First rung**: not computed: 0 trials reached the first rung; importance needs 4." in text
+
+
+def test_accuracy_objective_picks_the_highest(tmp_path):
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from lit_sft.stats import wilson_interval
+
+    dists = {"learning_rate": FloatDistribution(1e-4, 1e-2, log=True), "batch_size": CategoricalDistribution([8, 16])}
+    study = optuna.create_study(direction="maximize")
+    for lr, bs, correct, state in ((1e-3, 8, 120, TrialState.COMPLETE), (3e-3, 8, 170, TrialState.COMPLETE),
+                                   (2e-3, 16, 90, TrialState.PRUNED), (5e-3, 16, 60, TrialState.PRUNED)):
+        accuracy = correct / 200
+        study.add_trial(create_trial(state=state, params={"learning_rate": lr, "batch_size": bs}, distributions=dists,
+                                     value=accuracy if state == TrialState.COMPLETE else None, intermediate_values={400: accuracy},
+                                     user_attrs={"best_objective": accuracy, "accuracy": accuracy, "accuracy_n": 200,
+                                                 "accuracy_ci": list(wilson_interval(correct, 200)), "pruned_at": 400}))
+    summary = write_report(study, metric="eval/accuracy", n_trials=4, results_dir=tmp_path, plots=False, print_fn=lambda _: None)
+    text = (tmp_path / "REPORT.md").read_text()
+    assert summary["best_trial"] == 1 and "## Best trial: #1" in text
+    assert "Objective: the highest `eval/accuracy`" in text
+    table = text.split("## Best learning rate per batch size")[1].split("\n## ")[0]
+    assert "| 8 | 2 | #1 | 0.003 |" in table and "| 16 | 2 | #2 | 0.002 |" in table

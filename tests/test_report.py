@@ -259,3 +259,16 @@ def test_progress_and_table_without_evaluator(tmp_path, capsys):
     summary = write_report(study, metric="eval/loss", n_trials=1, results_dir=tmp_path, plots=False, print_fn=printed.append)
     assert summary["best_accuracy_ci"] is None and summary["tied_with_best"] == [] and summary["test_accuracy"] is None
     assert not any(line.startswith("tied with the best") for line in printed)
+
+
+def test_accuracy_objective_renders_every_plot(tmp_path):
+    from tests.study_fixtures import simulated_study
+
+    study = simulated_study(None, tmp_path, metric="eval/accuracy")
+    summary = write_report(study, metric="eval/accuracy", n_trials=12, results_dir=tmp_path, print_fn=lambda _: None)
+    assert summary["direction"] == "maximize" and summary["best_value"] == summary["best_accuracy"]
+    assert set(summary["plots"]) == {"training_loss.png", "eval_accuracy.png", "hyperparam_comparison.png", "categorization.png",
+                                     "optimization_history.png", "intermediate_values.png", "param_importances.png"}, summary["plots_skipped"]
+    for path in summary["plots"].values():
+        width, height = _png_size(tmp_path / "plots" / path.rsplit("/", 1)[-1])
+        assert width >= 600 and height >= 400

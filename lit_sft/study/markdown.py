@@ -14,7 +14,7 @@ from typing import Any
 
 from lit_sft.stats import intervals_overlap
 from lit_sft.study.importance import describe, format_numbers
-from lit_sft.study.report import REPORT_FILE, format_accuracy, format_test, format_value, objective_of, trial_note, write_atomic
+from lit_sft.study.report import REPORT_FILE, format_accuracy, format_value, objective_of, trial_note, write_atomic
 
 Histories = dict[int, dict[str, list[dict]]]
 
@@ -131,17 +131,20 @@ def _best(summary: dict[str, Any]) -> str:
 
 
 def _final_test(summary: dict[str, Any]) -> str:
-    """Only what the best trial's table row cannot say: a failed or a stale final test."""
+    """Only what the best trial's table cannot say: a failed or a stale final test."""
     test = summary.get("test_accuracy")
     if not test or (not test["stale"] and not test.get("error")):
         return ""
     if test.get("error"):
-        text = f"The final test of trial {test['trial']} failed: {test['error']}"
+        parts = [f"The final test of trial {test['trial']} failed: {test['error']}."]
     else:
-        text = f"The final test on record is not the best trial's: {format_test(test)}."
+        source = f", {test['source']}" if test.get("source") else ""
+        parts = [f"The final test on record graded trial {test['trial']}: "
+                 f"{format_accuracy(test['accuracy'], test['ci'])} (n={test['n']}{source})."]
     if test["stale"]:
-        text += " Rerunning the study grades the current best trial on the test split."
-    return "## Final test\n\n" + text
+        best = f"trial {summary['best_trial']}" if summary["best_trial"] is not None else "no trial"
+        parts.append(f"That is not the best trial's result: {best} is the best now. Rerunning the study grades the best trial.")
+    return "## Final test\n\n" + " ".join(parts)
 
 
 def _tied(summary: dict[str, Any]) -> str:
@@ -185,20 +188,20 @@ def _importance(summary: dict[str, Any]) -> str:
     if not panels and not skipped:
         return ""
     out = ["## Hyperparameter importance",
-           f"fANOVA importance of each hyperparameter for `{summary['metric']}` (shares of the explained variance)."]
+           f"fANOVA importance of each hyperparameter for `{summary['metric']}` (shares of the variance it explains), fitted on:"]
+    labels = {"first_rung": "First rung", "complete": "Complete trials"}
+    fitted = [f"- **{labels[k]}**: {describe(k, d)}: trials {format_numbers(d['trials'])}." for k, d in panels]
+    fitted += [f"- **{labels[k]}**: not computed: {why}." for k, why in skipped.items()]
+    first = importance.get("first_rung")
+    if first and first.get("nonfinite"):
+        fitted.append(f"- {first['nonfinite']} of the first-rung trials had a non-finite value there (diverged); it counts as the worst value at the rung.")
+    out.append("\n".join(fitted))
     if panels:
         names = list(dict.fromkeys(n for _, data in panels for n in sorted(data["values"], key=data["values"].get, reverse=True)))
-        out.append(_table(["parameter", *(describe(k, d) for k, d in panels)],
-                          [[n, *(format_value(d["values"].get(n)) for _, d in panels)] for n in names]))
-        used = [f"{'first rung' if k == 'first_rung' else 'complete'}: trials {format_numbers(d['trials'])}" for k, d in panels]
-        out.append("Trials used: " + "; ".join(used) + ".")
-        first = importance.get("first_rung")
-        if first and first.get("nonfinite"):
-            out.append(f"{first['nonfinite']} of them had a non-finite value at the rung (diverged); it counts as the worst value there.")
+        out.append(_table(["parameter", *(labels[k].lower() for k, _ in panels)],
+                          [[n, *(f"{d['values'][n]:.2f}" if n in d["values"] else "-" for _, d in panels)] for n in names]))
     if "param_importances.png" in (summary.get("plots") or {}):
         out.append("![Hyperparameter importance](plots/param_importances.png)")
-    for which, why in skipped.items():
-        out.append(f"- Not computed on {'the first rung' if which == 'first_rung' else 'the complete trials'}: {why}.")
     return "\n\n".join(out)
 
 

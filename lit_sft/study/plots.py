@@ -61,11 +61,13 @@ def _plot_losses(plt, rows, histories, metric: str, path: Path) -> bool:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
     drawn = _draw_curves(plt, left, rows, histories, "train/loss", "history", markers=False)
-    drawn += _draw_curves(plt, right, rows, histories, metric, "history")
+    # An accuracy objective has its own plot (eval_accuracy.png); this one stays about losses.
+    loss = metric if metric.endswith("loss") else "eval/loss"
+    drawn += _draw_curves(plt, right, rows, histories, loss, "history")
     if not drawn:
         plt.close(fig)
         return False
-    for ax, title in ((left, "train/loss (logged steps)"), (right, f"{metric} (evaluations; a trial's value is its best)")):
+    for ax, title in ((left, "train/loss (logged steps)"), (right, f"{loss} (evaluations" + ("; a trial's value is its best)" if loss == metric else ")"))):
         ax.set_xlabel("examples seen")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
