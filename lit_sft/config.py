@@ -181,7 +181,7 @@ def check(cfg: dict[str, Any]) -> None:
         problems.append("trainer.gradient_clip_val: use model.gradient_clip_val (manual optimization clips itself)")
     if (trainer.get("max_steps") or -1) <= 0:
         problems.append(f"trainer.max_steps must be > 0, got {trainer.get('max_steps')}")
-    for key in ("train_path", "validation_path"):
+    for key in ("train_path", "validation_path", "test_path"):
         path = data.get(key)
         if path and not Path(path).is_file():
             problems.append(f"data.{key}: no such file: {path}")

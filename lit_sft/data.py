@@ -6,6 +6,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
@@ -46,6 +47,8 @@ class SFTDataModule(LightningDataModule):
         validation_path: str | None = None,
         schema: str | None = None,
         validation_schema: str | None = None,
+        test_path: str | None = None,
+        test_schema: str | None = None,
         tokenizer_name_or_path: str | None = None,
         batch_size: int = 32,
         micro_batch_size: int | None = None,
@@ -54,6 +57,7 @@ class SFTDataModule(LightningDataModule):
         eval_size: int = 500,
         eval_max_fraction: float = 0.2,
         num_validation_problems: int = 500,
+        num_test_problems: int = 500,
         num_generated: int = 20000,
         packing: bool = False,
         filter_correct: bool = False,
@@ -67,6 +71,11 @@ class SFTDataModule(LightningDataModule):
             validation_path: JSONL of problems with answers, for accuracy; None = generated.
             schema: Force the record schema of `train_path` instead of detecting it from field names.
             validation_schema: Same for `validation_path`.
+            test_path: JSONL of problems with answers that no trial and no selection step sees:
+                the study's best model is graded on them once, at the end. None = the generated
+                test split when training on generated data, else no final test. The validation
+                file itself is allowed: its problems after the validation sample are used.
+            test_schema: Same for `test_path`.
             tokenizer_name_or_path: Tokenizer; None = the model's (train.py fills it in).
             batch_size: Examples per optimizer step, over all devices.
             micro_batch_size: Examples per forward pass; gradients accumulate over the rest. None = batch_size.
@@ -76,6 +85,7 @@ class SFTDataModule(LightningDataModule):
             eval_size: Held-out records for `eval/loss` (fixed seed, identical across runs).
             eval_max_fraction: Cap on the held-out share of the records.
             num_validation_problems: Problems with answers kept for the evaluator's accuracy.
+            num_test_problems: Problems of the final test.
             num_generated: Training records to generate when `train_path` is None.
             packing: Concatenate each micro-batch into one padding-free row (position ids restart
                 per example) instead of padding.
@@ -131,6 +141,28 @@ class SFTDataModule(LightningDataModule):
                 problems = [Problem(r1_zero_prompt(r["problem"]), r["answer"]) for r in make_problems(hp.num_validation_problems, hp.seed + 1)]
             self._problems = problems[: hp.num_validation_problems]
         return self._problems
+
+    @property
+    def test_problems(self) -> list[Problem] | None:
+        """The final test's problems, disjoint from the validation sample; None if there is no test set."""
+        hp = self.hparams
+        if hp.test_path:
+            if hp.validation_path and Path(hp.test_path).resolve() == Path(hp.validation_path).resolve():
+                problems = load_problems(hp.validation_path, schema=hp.validation_schema)
+                random.Random(hp.seed).shuffle(problems)  # the validation sample's order, so the rest is unseen
+                rest = problems[hp.num_validation_problems :]
+                if not rest:
+                    raise UserError(f"data.test_path: {hp.test_path} is the validation file and has no problems beyond the "
+                                    f"{hp.num_validation_problems} validation ones; lower data.num_validation_problems")
+                return rest[: hp.num_test_problems]
+            problems = load_problems(hp.test_path, schema=hp.test_schema)
+            random.Random(hp.seed).shuffle(problems)
+            return problems[: hp.num_test_problems]
+        if hp.train_path:
+            return None
+        from lit_sft.synthetic import make_problems
+
+        return [Problem(r1_zero_prompt(r["problem"]), r["answer"]) for r in make_problems(hp.num_test_problems, hp.seed + 2, split="test")]
 
     def _filter_correct(self, examples: list[Example]) -> list[Example]:
         from lit_sft.grading import Category, grade

@@ -7,9 +7,11 @@ solution takes one step per operator, in the r1_zero format, e.g.
 about a minute at a good learning rate and not at a poor one, which gives the tuner a real
 question to answer (docs/BENCHMARKS.md has the numbers).
 
-Train and validation are disjoint in the exact question: the problem space (4,000 questions) is
-split once by a hash of the question text, one in `VALIDATION_MODULUS` to validation, whatever the
-seeds. Every step of a held-out problem is an operation on digits that training problems use too,
+Train, validation and test are disjoint in the exact question: the problem space (4,000
+questions) is split once by a hash of the question text, one in `VALIDATION_MODULUS` held out,
+whatever the seeds; the held-out questions are halved by another bit of the same hash into
+validation (eval/loss, the accuracy every trial is selected on) and test (graded once, on the
+study's best model, after every selection is made). Every step of a held-out problem is an operation on digits that training problems use too,
 so validation measures whether the model learned the procedure, not whether it recalls the
 question. A split holds far fewer questions than a long run draws, so records of one split repeat
 questions; `make_problems` repeats one only once its split is exhausted.
@@ -26,10 +28,11 @@ from typing import Literal
 
 from lit_sft.formats import r1_zero_prompt
 
-Split = Literal["train", "validation"]
+Split = Literal["train", "validation", "test"]
+SPLITS = ("train", "validation", "test")
 
 VALIDATION_MODULUS = 5
-"""One question in this many (by hash) belongs to the validation split."""
+"""One question in this many (by hash) is held out from training: half validation, half test."""
 
 _DIGITS = range(10)
 _OPERATORS = ("+", "-")
@@ -69,15 +72,17 @@ def _exercise(a: int, op1: str, b: int, op2: str, c: int) -> Exercise:
 def split_of(question: str) -> Split:
     """The split a question belongs to: fixed by its text alone, so no seed can mix them."""
     # blake2b, not hash(): str hashes are salted per process, and the split must never move.
-    digest = hashlib.blake2b(question.encode("utf-8"), digest_size=8).digest()
-    return "validation" if int.from_bytes(digest, "big") % VALIDATION_MODULUS == 0 else "train"
+    digest = int.from_bytes(hashlib.blake2b(question.encode("utf-8"), digest_size=8).digest(), "big")
+    if digest % VALIDATION_MODULUS:
+        return "train"  # the training questions are those of the two-way split before test existed
+    return "validation" if (digest // VALIDATION_MODULUS) % 2 == 0 else "test"
 
 
 @cache
 def exercises(split: Split) -> tuple[Exercise, ...]:
     """Every question of one split, in a fixed order."""
-    if split not in ("train", "validation"):
-        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     space = itertools.product(_DIGITS, _OPERATORS, _DIGITS, _OPERATORS, _DIGITS)
     return tuple(ex for ex in itertools.starmap(_exercise, space) if split_of(ex.question) == split)
 

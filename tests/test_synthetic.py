@@ -37,13 +37,19 @@ def test_same_seed_same_records_other_seed_other_records() -> None:
     assert make_sft_records(80, seed=7)[:50] == make_sft_records(50, seed=7)
 
 
-def test_train_and_validation_never_share_a_question() -> None:
-    train, validation = exercises("train"), exercises("validation")
-    assert len(train) + len(validation) == 2 * 10 * 2 * 10 * 10
-    assert not {e.question for e in train} & {e.question for e in validation}
-    # About one in VALIDATION_MODULUS, whatever the hash happens to give.
-    assert abs(len(validation) / 4000 - 1 / VALIDATION_MODULUS) < 0.03
+def test_train_validation_and_test_never_share_a_question() -> None:
+    train, validation, test = exercises("train"), exercises("validation"), exercises("test")
+    assert len(train) + len(validation) + len(test) == 2 * 10 * 2 * 10 * 10
+    questions = [{e.question for e in split} for split in (train, validation, test)]
+    assert not questions[0] & questions[1] and not questions[0] & questions[2] and not questions[1] & questions[2]
+    # About one in VALIDATION_MODULUS held out, half of it for test, whatever the hash gives.
+    assert abs((len(validation) + len(test)) / 4000 - 1 / VALIDATION_MODULUS) < 0.03
+    assert abs(len(test) / (len(validation) + len(test)) - 0.5) < 0.05
+    tested = {r1_zero_prompt(p["problem"]) for p in make_problems(300, 0, split="test")}
+    assert all(split_of(p["problem"]) == "test" for p in make_problems(100, 0, split="test"))
+    assert not tested & {r1_zero_prompt(p["problem"]) for p in make_problems(300, 0)}
     trained_on = {r["prompt"] for r in make_sft_records(20_000, seed=0)}
+    assert not trained_on & tested
     for seed in (0, 1, 2):
         assert not trained_on & {r1_zero_prompt(p["problem"]) for p in make_problems(500, seed)}
         assert not trained_on & {r["prompt"] for r in make_sft_records(200, seed, split="validation")}
@@ -97,6 +103,6 @@ def test_prompt_and_spacing_match_the_real_traces(shared_data: Path) -> None:
 
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="split"):
-        make_problems(3, 0, split="test")  # type: ignore[arg-type]
+        make_problems(3, 0, split="holdout")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="n must be"):
         make_sft_records(-1, 0)

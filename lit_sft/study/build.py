@@ -101,6 +101,10 @@ def open_study(study_cfg: StudyConfig, cfg: dict[str, Any], space: SearchSpace, 
             f"{study.direction.name.lower()}, not {study_cfg.direction}; use another study.name"
         )
     _check_same_space(study, space)
+    if study.metric_names != [study_cfg.metric]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([study_cfg.metric])  # optuna-dashboard's axis label, not "Objective 0"
     return study
 
 

@@ -22,6 +22,7 @@ from lit_sft.study import report
 from lit_sft.study.build import open_study, prepare_results_dir
 from lit_sft.study.config import StudyConfig
 from lit_sft.study.disk import disk_usage, megabytes, remove_leftovers
+from lit_sft.study.final_test import run_final_test
 from lit_sft.study.objective import Objective, TrialFailed
 from lit_sft.study.progress import Progress
 from lit_sft.study.ranks import check_trial_layout
@@ -85,6 +86,8 @@ def _run(cfg: dict[str, Any], study_cfg: StudyConfig, space: SearchSpace) -> dic
     finally:
         if evaluator is not None:
             evaluator.stop()
+    # After the study's evaluator is gone: the test evaluator loads a model of its own.
+    run_final_test(study, cfg, study_cfg)
     summary = _report(study, study_cfg)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     return summary
