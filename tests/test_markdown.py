@@ -87,6 +87,8 @@ def test_observations_computed_from_the_data(report):
     tied = summary["tied_with_best"]
     assert f"is tied at 95% with {len(tied)} of the" in observations
     assert "The final test accuracy of the best trial is" in observations
+    share = summary["importance"]["first_rung"]["values"]["learning_rate"]
+    assert f"At the first rung, learning_rate carries {share:.0%} of the importance, over 12 trials" in observations
 
 
 def test_yaml_and_report_agree_on_ties(report):
@@ -133,6 +135,8 @@ def test_format_failures_of_the_best_trial_first_vs_best_evaluation():
     assert markdown._format_failures(summary, histories) == (
         "Format failures fell from 40.0% to 5.0% of the graded problems in the best trial (#0), "
         "from its first evaluation (100 examples) to its best (200 examples).")
+    never = {0: {"history": [], "evaluations": [evaluation(10, 0), evaluation(20, 0)]}}
+    assert markdown._format_failures(summary, never) is None  # no format failure ever: nothing to tell
     histories[0]["evaluations"] = histories[0]["evaluations"][:1]
     assert markdown._format_failures(summary, histories) is None  # one evaluation: nothing to compare
 

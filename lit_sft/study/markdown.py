@@ -28,6 +28,10 @@ PLOT_TITLES = {
 }
 """The plots of the Plots section, in order; param_importances.png sits in its own section."""
 
+TRIALS_FOR_A_RANKING = 10
+"""The importance table is shown from 4 trials on, with their count; a sentence naming the most
+important parameter waits for this many, as few points rank noise as readily as an effect."""
+
 DIVERGED = "diverged: a non-finite loss, or a last eval/loss above the trial's first"
 
 
@@ -126,7 +130,9 @@ def _best(summary: dict[str, Any]) -> str:
         source = f", {test['source']}" if test.get("source") else ""
         rows.append(["final test accuracy", f"{format_accuracy(test['accuracy'], test['ci'])} (n={test['n']}{source})"])
     if summary.get("best_model"):
-        rows.append(["saved model", f"`{summary['best_model']}`"])
+        # Beside this file: a relative link works on GitHub and in a copied results folder alike.
+        name = Path(summary["best_model"]).name
+        rows.append(["saved model", f"[`{name}/`]({name})"])
     return f"## Best trial: #{best['number']}\n\n" + _table(["", ""], rows)
 
 
@@ -160,7 +166,8 @@ def _tied(summary: dict[str, Any]) -> str:
     table = _table(["trial", "state", *names, summary["metric"], "accuracy [95%]"],
                    [[f"#{r['number']}", r["state"].lower(), *(format_value(r["params"].get(n)) for n in names),
                      format_value(objective_of(r)), _accuracy(r)] for r in tied])
-    return head + (f"The intervals of {len(tied)} other trials overlap it: with this many problems graded their "
+    others = f"{len(tied)} other trial{'s' if len(tied) > 1 else ''}"
+    return head + (f"The intervals of {others} overlap it: with this many problems graded, their "
                    f"accuracy cannot be told from the best's.\n\n{table}")
 
 
@@ -325,6 +332,8 @@ def _format_failures(summary: dict[str, Any], histories: Histories) -> str | Non
         return e["format_failure"] / n
 
     a, b = rate(first), rate(at)
+    if a == b == 0:
+        return None  # never a format failure: nothing to tell
     verb = "fell" if b < a else "rose" if b > a else "stayed"
     span = f"from {a:.1%} to {b:.1%}" if verb != "stayed" else f"at {a:.1%}"
     return (f"Format failures {verb} {span} of the graded problems in the best trial (#{best['number']}), from its first "
@@ -372,7 +381,7 @@ def _test_vs_validation(summary: dict[str, Any]) -> str | None:
 def _importance_ranking(summary: dict[str, Any]) -> str | None:
     importance = summary.get("importance") or {}
     first = importance.get("first_rung")
-    if not first:
+    if not first or len(first["trials"]) < TRIALS_FOR_A_RANKING:
         return None
     top, share = max(first["values"].items(), key=lambda kv: kv[1])
     text = (f"At the first rung, {top} carries {share:.0%} of the importance, over {len(first['trials'])} trials "

@@ -227,7 +227,7 @@ def _plot_categories(plt, rows, best_trial: int | None, path: Path) -> bool:
     graded = [r for r in rows if isinstance(r.get("categories"), dict) and sum(r["categories"].values()) > 0]
     if not graded:
         return False
-    fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(graded) + 3.5), 5.5))
+    fig, ax = plt.subplots(figsize=(max(9, 0.6 * len(graded) + 3.5), 5.5))
     xs = list(range(len(graded)))
     totals = [sum(float(r["categories"].get(c, 0)) for c in CATEGORIES) for r in graded]
     bottom = [0.0] * len(graded)
@@ -254,7 +254,7 @@ def _plot_categories(plt, rows, best_trial: int | None, path: Path) -> bool:
     ax.set_xticks(xs, [_bar_label(r, best_trial) for r in graded], fontsize=8)
     ax.set_ylim(0, 1.0)
     ax.set_ylabel("share of graded problems (at the trial's best step)")
-    ax.set_title("Evaluator grades per trial; an interval that reaches the dashed band is tied with the best", fontsize=10)
+    ax.set_title("Evaluator grades per trial\n(a trial whose interval reaches the dashed band is tied with the best)", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
