@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 
 import optuna
 import pytest
@@ -68,7 +69,8 @@ def _png_size(path) -> tuple[int, int]:
 def study_dir(tmp_path):
     results = tmp_path / "results"
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="report-test")
-    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["eval/loss"])  # as build.py does; Optuna's plots then label by it
     _add(study, results, 0, TrialState.COMPLETE, 3e-3, 16, 200, rungs=[400])
     _add(study, results, 1, TrialState.COMPLETE, 1e-3, 32, 200, rungs=[400])

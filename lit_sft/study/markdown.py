@@ -29,8 +29,9 @@ PLOT_TITLES = {
 """The plots of the Plots section, in order; param_importances.png sits in its own section."""
 
 TRIALS_FOR_A_RANKING = 10
-"""The importance table is shown from 4 trials on, with their count; a sentence naming the most
-important parameter waits for this many, as few points rank noise as readily as an effect."""
+"""The importance table is shown whenever it could be fitted, with its trial count beside it; a
+sentence naming the most important parameter waits for this many trials, as a handful of points
+ranks noise as readily as an effect."""
 
 DIVERGED = "diverged: a non-finite loss, or a last eval/loss above the trial's first"
 
