@@ -10,8 +10,13 @@ import pytest
 import yaml
 
 from lit_sft.study import markdown
-from lit_sft.study.report import load_histories, write_report
-from tests.study_fixtures import DIVERGES_ABOVE, PROBLEMS, set_final_test, simulated_study
+from lit_sft.study.report import write_report
+from tests.study_fixtures import (
+    DIVERGES_ABOVE,
+    PROBLEMS,
+    set_final_test,
+    simulated_study,
+)
 
 SECTIONS = ["## Best trial: #", "## Tied with the best at 95%", "## What pruning saved", "## Hyperparameter importance",
             "## Best learning rate per batch size", "## Observations", "## Plots", "## All trials"]
@@ -61,7 +66,7 @@ def test_numbers_come_from_the_study(report):
 
 
 def test_best_learning_rate_per_batch_size(report):
-    study, summary, _, text = report
+    study, _, _, text = report
     table = text.split("## Best learning rate per batch size")[1].split("##")[0]
     lines = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| batch_size")]
     sizes = sorted({t.params["batch_size"] for t in study.trials})
@@ -96,7 +101,7 @@ def test_yaml_and_report_agree_on_ties(report):
     data = yaml.safe_load((results / "study_results.yaml").read_text())
     assert data["tied_with_best"] == summary["tied_with_best"]
     tied_section = text.split("## Tied with the best at 95%")[1].split("\n## ")[0]
-    assert [int(n) for n in re.findall(r"^\| #(\d+) ", tied_section, flags=re.M)] == summary["tied_with_best"]
+    assert [int(n) for n in re.findall(r"^\| #(\d+) ", tied_section, flags=re.MULTILINE)] == summary["tied_with_best"]
 
 
 # ---- observations, one by one, on hand-made summaries ------------------------------------------

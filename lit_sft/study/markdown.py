@@ -14,7 +14,14 @@ from typing import Any
 
 from lit_sft.stats import intervals_overlap
 from lit_sft.study.importance import describe, format_numbers
-from lit_sft.study.report import REPORT_FILE, format_accuracy, format_value, objective_of, trial_note, write_atomic
+from lit_sft.study.report import (
+    REPORT_FILE,
+    format_accuracy,
+    format_value,
+    objective_of,
+    trial_note,
+    write_atomic,
+)
 
 Histories = dict[int, dict[str, list[dict]]]
 
@@ -146,8 +153,8 @@ def _final_test(summary: dict[str, Any]) -> str:
         parts = [f"The final test of trial {test['trial']} failed: {test['error']}."]
     else:
         source = f", {test['source']}" if test.get("source") else ""
-        parts = [f"The final test on record graded trial {test['trial']}: "
-                 f"{format_accuracy(test['accuracy'], test['ci'])} (n={test['n']}{source})."]
+        result = f"{format_accuracy(test['accuracy'], test['ci'])} (n={test['n']}{source})"
+        parts = [f"The final test on record graded trial {test['trial']}: {result}."]
     if test["stale"]:
         best = f"trial {summary['best_trial']}" if summary["best_trial"] is not None else "no trial"
         parts.append(f"That is not the best trial's result: {best} is the best now. Rerunning the study grades the best trial.")
