@@ -177,8 +177,8 @@ def test_liger_matches_the_plain_loss_and_gradients_on_gpu(kernels_choice: str, 
     try:
         _assert_close_bf16(_bf16_loss_and_grads(model, batch), plain)
     finally:
-        kernels.configure(model, kernels="none", attention="sdpa", device=CUDA, precision="bf16-mixed")
-    # Undone: the plain numbers again, bit for bit.
+        kernels.configure(model, kernels="none", attention=attention, device=CUDA, precision="bf16-mixed")
+    # Undone: the plain numbers again, bit for bit (the forward pass is deterministic).
     again = _bf16_loss_and_grads(model, batch)
     assert again[0] == plain[0]
 
