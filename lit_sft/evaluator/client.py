@@ -130,6 +130,7 @@ class EvaluatorClient:
             num_examples=self.config.num_examples,
             grading_timeout_s=self.config.grading_timeout_s,
             gpu_memory_utilization=self.config.gpu_memory_utilization,
+            kv_cache_memory_bytes=self.config.kv_cache_memory_bytes,
             parent_pid=os.getpid(),
             # On a CPU-only machine training and generation share the cores; half each keeps
             # either from being starved by oversubscription.
@@ -143,7 +144,7 @@ class EvaluatorClient:
         process.start()
         writer.close()  # only the worker may hold the write end, or its death never reads as EOF
         self._worker = _Worker(process=process, jobs=jobs, results=reader)
-        if self.backend == "vllm" and self.device == self.train_device:
+        if self.backend == "vllm" and self.device.startswith("cuda") and self.device == self.train_device:
             self.wait_ready(_SHARED_GPU_READY_TIMEOUT_S)
 
     @property
@@ -316,7 +317,11 @@ class EvaluatorClient:
         code = current.process.exitcode
         pid = current.process.pid
         lost = len(current.outstanding)
-        self._record_missing(current, f"evaluator process {pid} died (exit code {code}) before answering")
+        if code == worker.EXIT_ENGINE_LOST:
+            gone = f"evaluator process {pid} left: a weight load failed inside its engine (see that evaluation's error)"
+        else:
+            gone = f"evaluator process {pid} died (exit code {code})"
+        self._record_missing(current, f"{gone} before answering")
         self._worker = None
         self._close(current)
         can_restart = self.config.restart_on_failure and self._restarts < MAX_RESTARTS
@@ -325,11 +330,7 @@ class EvaluatorClient:
             why = "restart_on_failure is off" if not self.config.restart_on_failure else f"it died {MAX_RESTARTS + 1} times"
             self._fatal = f"evaluator process died (exit code {code}) and is not restarted: {why}"
         then = "a new one starts with the next checkpoint" if can_restart else "no further checkpoints are evaluated"
-        warnings.warn(
-            f"evaluator process {pid} died (exit code {code}); {lost} evaluation(s) recorded as missing; {then}",
-            EvaluatorWarning,
-            stacklevel=4,
-        )
+        warnings.warn(f"{gone}; {lost} evaluation(s) recorded as missing; {then}", EvaluatorWarning, stacklevel=4)
 
     def _record_missing(self, current: _Worker, reason: str, status: str = "missing") -> None:
         for job in current.outstanding.values():

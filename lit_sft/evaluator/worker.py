@@ -47,6 +47,8 @@ class WorkerSpec:
     """The training process: the worker exits when it is gone."""
     torch_threads: int | None = field(default=None)
     """CPU threads for generation on CPU; None keeps torch's default."""
+    kv_cache_memory_bytes: int | None = field(default=None)
+    """vLLM only: KV cache size; None: `backends.CPU_KV_CACHE_BYTES` on CPU, else by share of GPU."""
 
 
 def blank_result(job: dict[str, Any], status: str, error: str | None, seconds: float = 0.0) -> dict[str, Any]:
@@ -164,14 +166,18 @@ def _take_messages(jobs: Any, pending: deque, cancelled: set[int], block: bool) 
             pending.append(message)
 
 
-def serve(backend: Any, spec: WorkerSpec, jobs: Any, results: Any) -> None:
-    """Evaluate jobs in posted order until told to stop."""
+EXIT_ENGINE_LOST = 3
+"""Exit code after a weight load failed inside the engine: the client starts a fresh worker."""
+
+
+def serve(backend: Any, spec: WorkerSpec, jobs: Any, results: Any) -> bool:
+    """Evaluate jobs in posted order until told to stop (True) or the engine is lost (False)."""
     pending: deque[dict[str, Any]] = deque()
     cancelled: set[int] = set()
     while True:
         # Read everything queued before starting a job, so a cancel posted after it still counts.
         if not _take_messages(jobs, pending, cancelled, block=not pending):
-            return
+            return True
         if not pending:
             continue  # only a cancel came in
         job = pending.popleft()
@@ -179,6 +185,10 @@ def serve(backend: Any, spec: WorkerSpec, jobs: Any, results: Any) -> None:
             cancelled.discard(job["job"])
             continue
         results.send({"kind": "result", "result": evaluate(backend, spec, job)})
+        if not backend.healthy:
+            # Its weights are no file's: the client starts a fresh worker with the next post (jobs
+            # still queued here come back as missing).
+            return False
 
 
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -203,6 +213,10 @@ def main(spec: WorkerSpec, jobs: Any, results: Any) -> None:
             import torch
 
             torch.set_num_threads(spec.torch_threads)
+            # vLLM's CPU worker cuts torch to one thread for serving unless OMP_NUM_THREADS was
+            # set from outside (vllm/utils/torch_utils.py, set_torch_threads_for_runtime). This
+            # process is the evaluator's alone, so its setting reaches no training thread.
+            os.environ["OMP_NUM_THREADS"] = str(spec.torch_threads)
         from lit_sft.evaluator.backends import create_backend
 
         backend = create_backend(
@@ -212,6 +226,7 @@ def main(spec: WorkerSpec, jobs: Any, results: Any) -> None:
             max_new_tokens=spec.max_new_tokens,
             batch_size=spec.batch_size,
             gpu_memory_utilization=spec.gpu_memory_utilization,
+            kv_cache_memory_bytes=spec.kv_cache_memory_bytes,
         )
         import lit_sft.grading  # noqa: F401
 
@@ -230,15 +245,23 @@ def main(spec: WorkerSpec, jobs: Any, results: Any) -> None:
             "load_seconds": time.perf_counter() - start,
             "backend": backend.name,
             "device": backend.device,
+            "torch_threads": _torch_threads(),
             # Start-up stays fast only while nothing drags in the training stack.
             "lightning_imported": any(m.split(".")[0] in ("lightning", "pytorch_lightning") for m in sys.modules),
         }
     )
+    healthy = True
     try:
-        serve(backend, spec, jobs, results)
+        healthy = serve(backend, spec, jobs, results)
     except (BrokenPipeError, EOFError, ConnectionResetError):
         pass  # the client closed its end: nobody is left to serve
-    _exit(0)
+    _exit(0 if healthy else EXIT_ENGINE_LOST)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _exit(code: int) -> None:
