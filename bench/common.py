@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python bench/x.py` imports lit_sft from the repo root
 
-from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
+from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lit_sft.data import SFTDataModule  # noqa: E402
-from lit_sft.loss import causal_lm_nll_sum  # noqa: E402
-from lit_sft.packing import IGNORE_INDEX  # noqa: E402
+from lit_sft.data import SFTDataModule
+from lit_sft.loss import causal_lm_nll_sum
+from lit_sft.packing import IGNORE_INDEX
 
 BENCH_DIR = Path(__file__).resolve().parent
 SFT_LENGTHS = BENCH_DIR / "sft_lengths.json"

@@ -53,20 +53,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     load_prompt_lengths,
-    sync,
     load_sft_pairs,
     measure_step_overhead,
     now,
     records_datamodule,
     records_from_lengths,
+    sync,
     to_device,
 )
-from lit_sft import available, kernels  # noqa: E402
-from lit_sft.loss import causal_lm_nll_sum, head_nll_sum  # noqa: E402
-from lit_sft.module import set_activation_checkpointing  # noqa: E402
-from lit_sft.packing import model_inputs, pack_collate, pad_collate  # noqa: E402
+from lit_sft import available, kernels
+from lit_sft.loss import causal_lm_nll_sum, head_nll_sum
+from lit_sft.module import set_activation_checkpointing
+from lit_sft.packing import model_inputs, pack_collate, pad_collate
 
 QWEN25_15B = {
     # Qwen2.5-1.5B / Qwen2.5-Math-1.5B as published.

@@ -35,6 +35,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import itertools
 import logging
 import sys
 from collections.abc import Iterator, Mapping
@@ -84,7 +85,7 @@ def reference_varlen_attention(
     key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)
     bounds = cu_seq_lens.tolist()
     parts = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
         parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1))
     return torch.cat(parts, dim=0)
