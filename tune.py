@@ -8,20 +8,14 @@ work is lit_sft.study.run.tune(cfg).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
 from lit_sft.cli import run_cli
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tune.yaml"
 
 
 def main(argv: list[str]) -> int:
     from lit_sft.config import parse
     from lit_sft.study.run import tune
 
-    if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    tune(parse(argv, tune=True))
+    tune(parse(argv, tune=True))  # no --config: configs/tune.yaml (lit_sft.config.DEFAULT_CONFIGS)
     return 0
 
 

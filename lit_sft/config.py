@@ -72,7 +72,10 @@ class BudgetConfig:
     examples: int | None = None
     """Training examples per run: trainer.max_steps = ceil(examples / data.batch_size)."""
     eval_every_examples: int | None = None
-    """Evaluate every this many examples: trainer.val_check_interval = max(1, this // data.batch_size)."""
+    """Evaluate every this many examples: trainer.val_check_interval = ceil(this / data.batch_size)
+    steps, so each evaluation, and each pruning rung (a multiple of it), falls at or just past its
+    number of examples, never before: at batch 64 and 2,000, every 2,048 examples (rounding down
+    evaluated every 1,984, which reached a rung at 4,000 only at 5,952)."""
 
 
 def apply_budget(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -85,13 +88,24 @@ def apply_budget(cfg: dict[str, Any]) -> dict[str, Any]:
     if budget.get("examples"):
         out["trainer"]["max_steps"] = max(1, math.ceil(budget["examples"] / batch))
     if budget.get("eval_every_examples"):
-        out["trainer"]["val_check_interval"] = max(1, int(budget["eval_every_examples"]) // batch)
+        out["trainer"]["val_check_interval"] = max(1, math.ceil(int(budget["eval_every_examples"]) / batch))
     return out
 
 
-def build_parser(tune: bool = False):
+PROJECT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIGS = {False: PROJECT_CONFIGS / "sft.yaml", True: PROJECT_CONFIGS / "tune.yaml"}
+"""What `train.py fit` and `tune.py` run when no --config is given: the embedded default."""
+
+
+def build_parser(tune: bool = False, default_config: Path | None = None):
+    """The parser of train.py (`tune=False`) or tune.py; `default_config` is read under any
+    command-line values when no --config is given, and its values are the defaults --help shows."""
+    from jsonargparse import set_parsing_settings
     from lightning.pytorch import Trainer
     from lightning.pytorch.cli import LightningArgumentParser
+
+    # The dataclasses document each key in an attribute docstring; --help shows them.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
     from lit_sft.data import SFTDataModule
     from lit_sft.evaluator.config import EvaluatorConfig
@@ -114,6 +128,8 @@ def build_parser(tune: bool = False):
 
         parser.add_dataclass_arguments(StudyConfig, "study")
     parser.set_defaults(TRAINER_DEFAULTS)
+    if default_config is not None:
+        parser.default_config_files = [str(default_config)]
     return parser
 
 
@@ -122,15 +138,67 @@ def parse(argv: list[str] | None = None, tune: bool = False) -> dict[str, Any]:
     from jsonargparse import ArgumentError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(tune)
+    given = config_paths(argv)
+    for path in given or [str(DEFAULT_CONFIGS[tune])]:
+        check_yaml(path)
+    parser = build_parser(tune, default_config=None if given else DEFAULT_CONFIGS[tune])
     try:
         namespace = parser.parse_args(argv)
     except (ArgumentError, ValueError, TypeError) as err:
         raise UserError(_one_line(err)) from err
     cfg = namespace.as_dict()
     cfg.pop("config", None)
+    cfg.pop("__default_config__", None)  # jsonargparse's note of the default config file it read
     check(cfg)
     return cfg
+
+
+def config_paths(argv: list[str]) -> list[str]:
+    """The files given with --config (either `--config f` or `--config=f`)."""
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def check_yaml(path: str) -> None:
+    """A config file that is not readable YAML, named with its line and column.
+
+    The parser reads the file's text and reports YAML errors as `"<unicode string>", line 1`,
+    which names neither the file nor the place.
+    """
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"--config: no such file: {path}") from None
+    except OSError as err:
+        raise UserError(f"--config: cannot read {path}: {err.strerror or err}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: {_yaml_problem(err)}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UserError(f"{path}: expected a mapping of sections (model:, data:, ...), got {type(loaded).__name__}")
+
+
+def _yaml_problem(err: Exception) -> str:
+    """`line 3, column 18: ...`: where the broken construct starts, and where YAML noticed it."""
+    context, problem = getattr(err, "context_mark", None), getattr(err, "problem_mark", None)
+    start = context or problem
+    if start is None:
+        return f"not valid YAML: {str(err).splitlines()[0]}"
+    text = f"line {start.line + 1}, column {start.column + 1}: not valid YAML: "
+    if context is not None and getattr(err, "context", None):
+        text += f"{err.context}"
+        if problem is not None and getattr(err, "problem", None):
+            text += f", {err.problem} at line {problem.line + 1}, column {problem.column + 1}"
+        return text
+    return text + str(getattr(err, "problem", None) or str(err).splitlines()[0])
 
 
 def _one_line(err: Exception) -> str:
@@ -169,25 +237,46 @@ def complete(cfg: dict[str, Any], tune: bool = False) -> dict[str, Any]:
 
 
 def check(cfg: dict[str, Any]) -> None:
-    """Cross-section problems a per-field type check cannot see; all collected, raised once."""
-    problems = []
-    trainer, data, budget = cfg["trainer"], cfg["data"], cfg.get("budget") or {}
-    for key in ("examples", "eval_every_examples"):
-        if budget.get(key) is not None and budget[key] <= 0:
-            problems.append(f"budget.{key} must be > 0, got {budget[key]}")
+    """Every problem a config has before any work starts: ranges (lit_sft.checks), cross-section
+    rules a per-field type check cannot see, missing files; all collected, raised once."""
+    from lit_sft.checks import range_problems
+
+    problems = range_problems(cfg)
+    trainer, data = cfg["trainer"], cfg["data"]
     if trainer.get("accumulate_grad_batches", 1) not in (1, None):
         problems.append("trainer.accumulate_grad_batches: use data.micro_batch_size (accumulation is exact and built in)")
     if trainer.get("gradient_clip_val") is not None:
         problems.append("trainer.gradient_clip_val: use model.gradient_clip_val (manual optimization clips itself)")
-    if (trainer.get("max_steps") or -1) <= 0:
-        problems.append(f"trainer.max_steps must be > 0, got {trainer.get('max_steps')}")
     for key in ("train_path", "validation_path", "test_path"):
         path = data.get(key)
         if path and not Path(path).is_file():
             problems.append(f"data.{key}: no such file: {path}")
+    problems.extend(_section_problems(cfg))
     problems.extend(objective_problems(cfg))
     if problems:
         raise UserError("; ".join(problems))
+
+
+def _section_problems(cfg: dict[str, Any]) -> list[str]:
+    """The evaluator and study sections, checked by the dataclasses that will hold them."""
+    from lit_sft.evaluator.config import EvaluatorConfig
+
+    problems = []
+    sections = [(EvaluatorConfig, cfg.get("evaluator"))]
+    if cfg.get("study") is not None:
+        from lit_sft.study.config import StudyConfig
+
+        sections.append((StudyConfig.from_dict, cfg["study"]))
+    for build, values in sections:
+        if values is None:
+            continue
+        try:
+            build(**values) if build is EvaluatorConfig else build(values)
+        except UserError as err:
+            problems.append(str(err))
+        except TypeError as err:
+            problems.append(str(err))
+    return problems
 
 
 def objective_problems(cfg: dict[str, Any]) -> list[str]:

@@ -132,10 +132,13 @@ def _parse_line(raw: bytes, path: Path, number: int) -> tuple[int, dict]:
         text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
+    # Without its line break: JSON would place an error at the end of the line on "line 2, column 1".
+    text = text.rstrip("\r\n")
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+        at_end = ", end of line" if e.pos >= len(text) else ""
+        raise UserError(f"{where}: invalid JSON: {e.msg} (column {e.colno}{at_end})") from None
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object per line, got {_json_type(record)}")
     return number, record

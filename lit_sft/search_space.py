@@ -13,6 +13,8 @@ raised once, naming the file, line and entry.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,8 @@ class Param:
     log: bool = False
     step: float | int | None = None
     choices: tuple[Any, ...] = ()
+    line: int | None = None
+    """Line of the entry in its file, for messages."""
 
     def suggest(self, trial: Any) -> Any:
         if self.kind == "float":
@@ -47,6 +51,11 @@ class Param:
         if self.kind == "int":
             return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=self.step or 1)
         return trial.suggest_categorical(self.name, list(self.choices))
+
+    @property
+    def corners(self) -> tuple[Any, ...]:
+        """The values that bound what the sampler can propose: low and high, or every choice."""
+        return self.choices if self.kind == "categorical" else (self.low, self.high)
 
     @property
     def largest(self) -> Any:
@@ -193,13 +202,61 @@ def load_search_space(path: str | Path, cfg: dict[str, Any] | None = None) -> Se
         where = f"line {lines[name]}, {name}" if name in lines else str(name)
         problems.extend(f"{where}: {p}" for p in entry_problems)
         if param is not None:
-            params.append(param)
+            params.append(dataclasses.replace(param, line=lines.get(name)))
     # Checked over all entries, valid or not, so one run reports everything.
     keys = {name: entry["key"] for name, entry in raw.items() if isinstance(entry, dict) and isinstance(entry.get("key"), str)}
     for key in sorted({k for k in keys.values() if list(keys.values()).count(k) > 1}):
         names = [str(name) for name, k in keys.items() if k == key]
         problems.append(f"{', '.join(names)}: all set {key}, and each config key may be searched once")
+    _raise(path, problems)
+    space = SearchSpace(path=path, params=tuple(params))
+    if cfg is not None:
+        _raise(path, corner_problems(space, cfg))
+    return space
+
+
+def _raise(path: Path, problems: list[str]) -> None:
     if problems:
         count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
         raise UserError(f"search space {path}: {count}: " + "; ".join(problems))
-    return SearchSpace(path=path, params=tuple(params))
+
+
+MAX_CORNERS = 4096
+"""Beyond this many combinations, each parameter's corners are checked with the others at the config's values."""
+
+
+def corner_problems(space: SearchSpace, cfg: dict[str, Any]) -> list[str]:
+    """What the config's range checks say of every corner of the space (each combination of
+    bounds and choices), so a value that would kill a trial is refused before the study starts."""
+    from lit_sft.checks import range_problems
+
+    combos = 1
+    for param in space.params:
+        combos *= len(param.corners)
+    if combos <= MAX_CORNERS:
+        points = [dict(zip(space.names, values)) for values in itertools.product(*(p.corners for p in space.params))]
+    else:
+        points = [{param.name: value} for param in space.params for value in param.corners]
+    base = set(range_problems(cfg))
+    problems: dict[str, str] = {}
+    for point in points:
+        values = {p.name: point.get(p.name, _current(cfg, p.key)) for p in space.params}
+        for problem in range_problems(space.apply(cfg, values)):
+            if problem in base or problem in problems:
+                continue
+            # Name the entries the problem is about (its key), else every entry of the corner.
+            involved = [p for p in space.params if p.name in point and p.key in problem] or [p for p in space.params if p.name in point]
+            named = ", ".join(f"{p.name}={values[p.name]!r}{_where(p)}" for p in involved)
+            problems[problem] = f"{named}: {problem}"
+    return list(problems.values())
+
+
+def _current(cfg: dict[str, Any], key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _where(param: Param) -> str:
+    return f" (line {param.line})" if param.line else ""

@@ -15,38 +15,15 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 from callbacks.history import History
 from lit_sft.available import has_module
-from lit_sft.config import apply_budget, complete, objective_problems
+from lit_sft.config import apply_budget, check, complete
 from lit_sft.data import SFTDataModule
-from lit_sft.errors import UserError
 from lit_sft.evaluator.launch import start_evaluator
 from lit_sft.metrics import EVALUATOR_FIGURES, evaluator_figure
 from lit_sft.module import SFTModule
+from lit_sft.stats import accuracy_interval
+from lit_sft.wandb_run import best_summary, finish, make_logger
 
 log = logging.getLogger(__name__)
-
-
-def make_logger(wandb_cfg: dict[str, Any], run_name: str | None, params: dict[str, Any]):
-    """A W&B logger (offline unless configured), or False when disabled."""
-    if not wandb_cfg.get("enabled", True) or wandb_cfg.get("mode") == "disabled":
-        return False
-    from lightning.pytorch.loggers import WandbLogger
-
-    save_dir = Path(wandb_cfg["save_dir"])
-    save_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(
-        project=wandb_cfg["project"], entity=wandb_cfg.get("entity"), group=wandb_cfg.get("group"),
-        name=run_name or wandb_cfg.get("name"), tags=wandb_cfg.get("tags"), save_dir=str(save_dir),
-        mode=wandb_cfg["mode"], config=params, reinit="create_new",
-    )
-
-
-def _finish_logger(logger: Any) -> None:
-    if logger and hasattr(logger, "experiment"):
-        try:
-            logger.experiment.finish()
-        except Exception as err:  # a logging hiccup must not lose the run's results
-            log.warning("W&B finish failed: %s", err)
 
 
 def _trainer_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -111,8 +88,10 @@ def _share_cpu_with(evaluator: Any, trainer: Trainer) -> None:
 def _result(history: History, model: SFTModule, trainer: Trainer, evaluations: list[dict], seconds: float) -> dict[str, Any]:
     metrics = trainer.callback_metrics
     best = history.best or {}
+    # Under an evaluator objective the best row holds the grade; its eval/loss is its step's.
+    loss_at_best = next((r["eval/loss"] for r in history.rows if "eval/loss" in r and r["step"] == best.get("step")), float("nan"))
     result: dict[str, Any] = {
-        "eval/loss": best.get("eval/loss", float("nan")),
+        "eval/loss": best.get("eval/loss", loss_at_best),
         "objective": best.get(history.monitor, float("nan")),
         "eval/loss_last": float(metrics["eval/loss"]) if "eval/loss" in metrics else float("nan"),
         "train/loss": float(metrics["train/loss"]) if "train/loss" in metrics else float("nan"),
@@ -139,6 +118,9 @@ def _accuracy_at(evaluations: list[dict], step: int | None) -> dict[str, Any]:
     out = {f"eval/{k}": chosen[k] for k in EVALUATOR_FIGURES if k in chosen}
     out["accuracy_step"] = chosen["step"]
     out["accuracy_n"] = chosen.get("num_problems")
+    interval = accuracy_interval(chosen.get("correct"), chosen.get("num_problems"))
+    if interval is not None:
+        out["accuracy_ci"] = [round(interval[0], 4), round(interval[1], 4)]
     out["best_accuracy"] = max(e["accuracy"] for e in good)
     return out
 
@@ -157,10 +139,9 @@ def train(
     `evaluator`: a started EvaluatorClient to reuse (the tuner's, one per study); when None and
     `cfg["evaluator"]["enabled"]`, one is started for this run and stopped at its end.
     """
-    cfg = apply_budget(complete(cfg, tune="study" in cfg))
-    problems = objective_problems(cfg)
-    if problems:
-        raise UserError("; ".join(problems))
+    cfg = complete(cfg, tune="study" in cfg)
+    check(cfg)  # before the model loads or a W&B run exists
+    cfg = apply_budget(cfg)
     pl.seed_everything(cfg["seed_everything"], workers=True, verbose=False)
     model = SFTModule(**cfg["model"])
     data_kwargs = dict(cfg["data"])
@@ -168,7 +149,8 @@ def train(
     data = SFTDataModule(**data_kwargs)
     stop = cfg["early_stopping"]
     history = History(monitor=stop["monitor"], mode=stop["mode"], keep_best_weights=keep_best_weights and evaluator_figure(stop["monitor"]) is None)
-    params = logger_params if logger_params is not None else {k: cfg[k] for k in ("model", "data", "trainer")}
+    # The run's W&B config is what runs: every section, after the budget, plus the caller's additions.
+    params = {**{k: v for k, v in cfg.items() if k != "study"}, **(logger_params or {})}
     own_evaluator = evaluator is None and cfg["evaluator"]["enabled"]
     poster = None
     logger = None
@@ -187,14 +169,16 @@ def train(
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
         seconds = time.perf_counter() - start
+    except BaseException as err:
+        finish(logger, {"failure": f"{type(err).__name__}: {err}"[:500]}, "failed")
+        raise
     finally:
         torch.set_num_threads(threads)
-        _finish_logger(logger)
         if own_evaluator and evaluator is not None:
             evaluator.stop()
-    if history.best is None and trainer.global_step > 0:
-        log.warning("no evaluation ran: trainer.val_check_interval=%s > steps run=%d", cfg["trainer"]["val_check_interval"], trainer.global_step)
     result = _result(history, model, trainer, list(poster.results) if poster else [], seconds)
+    state, note = _state(trainer, result, stop["monitor"])
+    finish(logger, {**best_summary(result), **note}, state)
     result["batch_size"] = int(data.hparams.batch_size)
     if poster is not None:
         result["evaluator_blocked_s"] = poster.blocked_s
@@ -207,6 +191,16 @@ def train(
     return result
 
 
+def _state(trainer: Trainer, result: dict[str, Any], monitor: str) -> tuple[str, dict[str, Any]]:
+    """complete, pruned (at how many examples), or failed (no evaluation ran), for W&B."""
+    pruned = [c.pruned_at for c in trainer.callbacks if getattr(c, "pruned_at", None) is not None]
+    if pruned:
+        return "pruned", {"pruned_at": pruned[0]}
+    if result["best_step"] is None:
+        return "failed", {"failure": f"no evaluation of {monitor} in {trainer.global_step} steps"}
+    return "complete", {}
+
+
 def _kept_state(model: SFTModule, poster: Any) -> dict[str, Any] | None:
     """The best graded checkpoint's weights, read back from the file the poster kept (then deleted)."""
     from lit_sft.weights import read_state
@@ -217,6 +211,20 @@ def _kept_state(model: SFTModule, poster: Any) -> dict[str, Any] | None:
         return read_state(model.model, poster.best_path)
     finally:
         poster.best_path.unlink(missing_ok=True)
+
+
+def new_run_dir(output_dir: str | Path, name: str) -> Path:
+    """A folder of its own for one train.py run: `<name>-000`, `-001`, ... (created, never reused)."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for number in range(100_000):
+        path = root / f"{name}-{number:03d}"
+        try:
+            path.mkdir()  # atomic: two runs started together never share a folder
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run folder under {root}")
 
 
 def save_pretrained(result: dict[str, Any], out_dir: str | Path) -> Path:

@@ -59,9 +59,24 @@ def test_example_budget_sets_steps_and_eval_cadence_per_batch_size():
     from lit_sft.config import apply_budget
 
     base = complete({"budget": {"examples": 20000, "eval_every_examples": 2000}})
-    for batch, steps, every in ((8, 2500, 250), (64, 313, 31)):
+    for batch, steps, every in ((8, 2500, 250), (64, 313, 32)):
         cfg = apply_budget({**base, "data": {**base["data"], "batch_size": batch}})
         assert (cfg["trainer"]["max_steps"], cfg["trainer"]["val_check_interval"]) == (steps, every)
+
+
+def test_every_batch_size_is_evaluated_at_each_rung_or_just_past_it():
+    """Rungs at 4,000 and 12,000 examples: no batch size reaches one late by more than one step
+    per evaluation before it (rounding the interval down had batch 64 judged at 5,952)."""
+    from lit_sft.config import apply_budget
+
+    base = complete({"budget": {"examples": 20000, "eval_every_examples": 2000}})
+    for batch in (8, 16, 32, 64, 128, 256):
+        cfg = apply_budget({**base, "data": {**base["data"], "batch_size": batch}})
+        every = cfg["trainer"]["val_check_interval"] * batch
+        evaluations = [k * every for k in range(1, cfg["trainer"]["max_steps"] // cfg["trainer"]["val_check_interval"] + 1)]
+        for rung in (4000, 12000):
+            judged = min(e for e in evaluations if e >= rung)
+            assert judged - rung < (rung // 2000) * batch, (batch, rung, judged)
     assert apply_budget(complete({}))["trainer"]["max_steps"] == complete({})["trainer"]["max_steps"]
     with pytest.raises(UserError, match="budget.examples"):
         parse(["--budget.examples", "0"])

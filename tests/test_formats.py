@@ -70,7 +70,8 @@ def test_read_jsonl_numbers_lines_and_skips_blank_ones(tmp_path: Path) -> None:
     [
         (b"", r"d\.jsonl: empty file"),
         (b"\n  \n", r"d\.jsonl: empty file"),
-        (b'{"a": 1}\n{"a": \n', r"d\.jsonl:2: invalid JSON: .* \(column \d+\)"),
+        (b'{"a": 1}\n{"a": \n', r"d\.jsonl:2: invalid JSON: Expecting value \(column 7, end of line\)"),
+        (b'{"a": 1}\n{"a": 1 "b": 2}\n{"a": 3}\n', r"d\.jsonl:2: invalid JSON: Expecting ',' delimiter \(column 9\)"),
         (b'{"a": 1}\n[1, 2]\n', r"d\.jsonl:2: expected a JSON object per line, got an array"),
         (b'"text"\n', r"d\.jsonl:1: expected a JSON object per line, got a string"),
         (b'{"a": 1}\n{"a": "\xff"}\n', r"d\.jsonl:2: not UTF-8 text"),

@@ -15,11 +15,11 @@ from optuna.trial import TrialState
 
 from lit_sft import secrets
 from lit_sft import storage as storage_mod
+from lit_sft.config import apply_budget
 from lit_sft.devices import trial_world_size
 from lit_sft.errors import UserError
 from lit_sft.pruner import TolerantSuccessiveHalvingPruner
 from lit_sft.search_space import SearchSpace
-from lit_sft.stats import accuracy_interval
 from lit_sft.study import report
 from lit_sft.study.config import StudyConfig
 from lit_sft.study.progress import progress_start
@@ -70,7 +70,7 @@ class Objective:
 
     def trial_config(self, params: dict[str, Any], number: int) -> dict[str, Any]:
         """The run config of one trial: the sampled values at their keys, outputs keyed by trial."""
-        cfg = self.space.apply(self.cfg, params)
+        cfg = apply_budget(self.space.apply(self.cfg, params))  # what runs: W&B logs this config
         cfg.pop("study", None)
         cfg["output_dir"] = str(report.trial_dir(self.results_dir, self.study_cfg.name, number))
         # The trial's value, early stopping and pruning all follow the study's objective.
@@ -95,8 +95,7 @@ class Objective:
                 result = train(
                     cfg, callbacks=[pruning], evaluator=self.evaluator, run_name=run_name,
                     keep_best_weights=self.study_cfg.save_best_model,
-                    logger_params={"study": self.study_cfg.name, "trial": trial.number, **params,
-                                   **{k: cfg[k] for k in ("model", "data", "trainer")}},
+                    logger_params={"study": self.study_cfg.to_dict(), "trial": trial.number, "params": params},
                 )
         except UserError as err:
             self._record_failure(trial, err, "config")
@@ -144,9 +143,8 @@ class Objective:
             attrs["accuracy_step"] = result.get("accuracy_step")
             attrs["categories"] = {c: int(result[f"eval/{c}"]) for c in report.CATEGORIES if f"eval/{c}" in result}
             attrs["accuracy_n"] = result.get("accuracy_n")
-            interval = accuracy_interval(result.get("eval/correct"), result.get("accuracy_n"))
-            if interval is not None:
-                attrs["accuracy_ci"] = [round(interval[0], 4), round(interval[1], 4)]
+            if result.get("accuracy_ci"):
+                attrs["accuracy_ci"] = result["accuracy_ci"]
         # Never a zero: an evaluation without a result is counted, and left out of every figure.
         for status, key in (("missing", "evaluations_missing"), ("error", "evaluations_failed")):
             count = sum(e.get("status") == status for e in result["evaluations"])

@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lit_sft import secrets
 from lit_sft import storage as storage_mod
-from lit_sft.config import complete
+from lit_sft.config import check, complete
 from lit_sft.evaluator.launch import start_evaluator
 from lit_sft.search_space import SearchSpace, load_search_space
 from lit_sft.study import report
@@ -40,6 +40,7 @@ def tune(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume, or join) the study described by `cfg["study"]`; returns the summary
     written to results_dir/study_results.yaml."""
     cfg = complete(cfg, tune=True)
+    check(cfg)
     study_cfg = StudyConfig.from_dict(cfg["study"])
     secrets.register_url(study_cfg.storage_url)
     secrets.register_environment()
