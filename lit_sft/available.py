@@ -1,6 +1,6 @@
 """What optional dependencies and devices this process can use.
 
-The one place that answers "is vllm / wandb here?" so that callers never import a heavy
+The one place that answers "is vllm / wandb / liger here?" so that callers never import a heavy
 package just to find out (importing vllm takes seconds and initialises CUDA state).
 """
 
@@ -43,6 +43,19 @@ def vllm_build() -> str | None:
 def has_wandb() -> bool:
     """Weights & Biases is installed."""
     return has_module("wandb")
+
+
+def has_liger() -> bool:
+    """Liger Kernel (the `liger` extra) and Triton, which its kernels are written in."""
+    return has_module("liger_kernel") and has_module("triton")
+
+
+def has_varlen_attn() -> bool:
+    """torch's variable-length FlashAttention (`torch.nn.attention.varlen`, torch >= 2.10).
+
+    Importable is not runnable: the kernel itself needs CUDA (lit_sft.kernels decides where).
+    """
+    return has_module("torch.nn.attention.varlen")
 
 
 def cuda_device_count() -> int:

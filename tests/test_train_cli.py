@@ -42,8 +42,8 @@ def test_overrides_reach_the_run_and_the_best_model_is_saved(tiny_model_path, tm
     assert (cfg["model"]["learning_rate"], cfg["model"]["weight_decay"], cfg["data"]["batch_size"]) == (2e-3, 0.01, 4)
     assert result["global_step"] == 4 and result["examples_seen"] == 16  # 4 steps x batch 4
     assert [r["step"] for r in result["history"] if "eval/loss" in r] == [2, 4]
-    assert (tmp_path / "out/best_model/config.json").is_file()
-    assert (tmp_path / "out/best_model/tokenizer.json").is_file()
+    assert (tmp_path / "out/run-000/best_model/config.json").is_file()  # a folder per run
+    assert (tmp_path / "out/run-000/best_model/tokenizer.json").is_file()
     # the W&B run is offline, with the config it trained with
     (run_file,) = (tmp_path / "wandb").rglob("offline-run-*/run-*.wandb")
     deadline = time.monotonic() + 30  # wandb's service process flushes the run file on its own
