@@ -125,8 +125,8 @@ def _relations(cfg: dict[str, Any]) -> list[str]:
 
     trainer = cfg.get("trainer") or {}
     steps, every = trainer.get("max_steps"), trainer.get("val_check_interval")
-    if not (_integer(steps) and _integer(every) and steps >= 1 and every >= 1):
-        return []
+    if not (_integer(steps) and _integer(every) and steps >= 1 and every >= 1) or trainer.get("limit_val_batches") == 0:
+        return []  # (limit_val_batches 0: validation is switched off on purpose)
     try:
         run = apply_budget(cfg)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):

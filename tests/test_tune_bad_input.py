@@ -171,3 +171,59 @@ def test_the_real_cli_prints_one_line_and_exits_2(tiny_model_path, tmp_path):
     assert result.stderr.startswith("error: study.storage: cannot connect to postgresql://lit:***@")
     assert "Traceback" not in result.stderr and SECRET not in result.stdout + result.stderr
     assert not (tmp_path / "results" / "optuna.db").exists()
+
+
+# ---- bad input found before any work: no study, no trial, no W&B run -------------------------
+
+
+def test_a_broken_data_line_is_found_before_the_study_has_a_new_trial(tiny_model_path, tmp_path, capsys, existing_study):
+    good = '{"prompt": "Q: 1+1? A: <think>", "response": " 2 </think> <answer>2</answer>", "ground_truth": "2"}\n'
+    data = tmp_path / "train.jsonl"
+    data.write_text(good * 40 + '{"prompt": "Q: 2+2?", "response" " 4"}\n' + good * 5)
+    before = _snapshot(existing_study)
+    assert run_cli(tune_cli.main, _argv(tiny_model_path, tmp_path, "--data.train_path", str(data))) == 2
+    assert f"{data}:41: invalid JSON: Expecting ':' delimiter (column 34)" in _one_error_line(capsys)
+    _assert_untouched(existing_study, before)
+    assert len(optuna.load_study(study_name="bad", storage=f"sqlite:///{existing_study / 'optuna.db'}").trials) == 1
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--model.learning_rate=-1e-3"], "model.learning_rate must be > 0, got -0.001"),
+        (["--model.weight_decay", "-0.1"], "model.weight_decay must be >= 0, got -0.1"),
+        (["--model.warmup_ratio", "1.5"], "model.warmup_ratio must be in [0, 1], got 1.5"),
+        (["--data.micro_batch_size", "0"], "data.micro_batch_size must be an integer >= 1, got 0"),
+        (["--early_stopping.patience", "0"], "early_stopping.patience must be an integer >= 1, got 0"),
+        (["--evaluator.num_problems", "0", "--evaluator.enabled", "true"], "evaluator.num_problems: must be at least 1"),
+        (["--trainer.val_check_interval", "10", "--budget.examples", "null", "--budget.eval_every_examples", "null"],
+         "trainer.val_check_interval (10 steps) > trainer.max_steps (4)"),
+        (["--study.metric", "eval/accuracy"], "study.metric: eval/accuracy comes from the evaluator"),
+    ],
+    ids=["negative-lr", "negative-wd", "warmup-above-1", "zero-micro-batch", "zero-patience", "zero-problems", "no-evaluation", "accuracy-without-evaluator"],
+)
+def test_out_of_range_values_are_one_line_before_any_run(tiny_model_path, tmp_path, capsys, existing_study, extra, needle):
+    before = _snapshot(existing_study)
+    argv = _argv(tiny_model_path, tmp_path, "--wandb.enabled", "true", "--wandb.save_dir", str(tmp_path / "wandb"), *extra)
+    assert run_cli(tune_cli.main, argv) == 2
+    assert needle in _one_error_line(capsys)
+    _assert_untouched(existing_study, before)
+    assert not (tmp_path / "wandb").exists()  # no W&B run was started
+
+
+def test_a_search_space_choice_out_of_range_is_refused_with_its_line(tiny_model_path, tmp_path, capsys, existing_study):
+    space = tmp_path / "zero_batch.yaml"
+    space.write_text("lr: {kind: float, low: 1.0e-4, high: 1.0e-2, log: true, key: model.learning_rate}\n"
+                     "bs:\n  kind: categorical\n  choices: [0, 8]\n  key: data.batch_size\n")
+    before = _snapshot(existing_study)
+    assert run_cli(tune_cli.main, _argv(tiny_model_path, tmp_path, "--study.search_space", str(space))) == 2
+    assert "bs=0 (line 2): data.batch_size must be an integer >= 1, got 0" in _one_error_line(capsys)
+    _assert_untouched(existing_study, before)
+
+
+def test_a_malformed_config_names_its_file_and_line(tiny_model_path, tmp_path, capsys, existing_study):
+    config = tmp_path / "broken.yaml"
+    config.write_text("model:\n  learning_rate: 1.0e-3\n  weight_decay: [0.1\ndata:\n  batch_size: 8\n")
+    assert run_cli(tune_cli.main, ["--config", str(config), *_argv(tiny_model_path, tmp_path)]) == 2
+    line = _one_error_line(capsys)
+    assert f"{config}: line 3, column 17: not valid YAML" in line and "<unicode string>" not in line

@@ -85,15 +85,17 @@ def test_small_study_end_to_end(tiny_model_path, tmp_path, monkeypatch, capsys):
     # A trial's value is its best evaluation, not its last.
     assert trials[0].value == pytest.approx(min(trials[0].intermediate_values.values()))
     assert trials[0].user_attrs["best_examples_seen"] in (16, 32, 48)
-    # One evaluator for the study; its grades are stored on every trial.
-    assert len(clients) == 1
+    # One evaluator for the study, its grades stored on every trial; one more after it for the
+    # final test, on the saved best model.
+    assert len(clients) == 2 and clients[1].model_path == str(tmp_path / "results" / "best_model")
     for t in trials:
         cats = t.user_attrs["categories"]
         assert set(cats) == {"correct", "wrong_answer", "format_failure"} and sum(cats.values()) == 8
         assert 0.0 <= t.user_attrs["accuracy"] <= 1.0
     # W&B: one offline run per trial, grouped by study, params as config.
     assert [(wcfg["group"], name) for wcfg, name, _ in loggers] == [("e2e", f"trial-{i:04d}") for i in range(3)]
-    assert loggers[0][2]["learning_rate"] == GOOD["learning_rate"] and loggers[0][2]["trial"] == 0
+    assert loggers[0][2]["params"]["learning_rate"] == GOOD["learning_rate"] and loggers[0][2]["trial"] == 0
+    assert loggers[0][2]["model"]["learning_rate"] == GOOD["learning_rate"]  # the config that ran
     runs = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 3
 

@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from lit_sft import secrets
 from lit_sft import storage as storage_mod
 from lit_sft.config import check, complete
+from lit_sft.errors import UserError
 from lit_sft.evaluator.launch import start_evaluator
 from lit_sft.search_space import SearchSpace, load_search_space
 from lit_sft.study import report
@@ -36,6 +37,27 @@ def free_memory(study: optuna.Study, trial: FrozenTrial) -> None:
         torch.cuda.empty_cache()
 
 
+def check_data(cfg: dict[str, Any], space: SearchSpace) -> None:
+    """Read, tokenize and check the data every trial will use, before the study is opened.
+
+    A broken record found by the first trial would leave a failed trial in the study, counted
+    towards n_trials. The tokenized split is cached for the process, so the trials reuse it.
+    """
+    from lit_sft.data import SFTDataModule
+    from lit_sft.weights import resolve_model_path
+
+    tokenizer = cfg["data"].get("tokenizer_name_or_path") or resolve_model_path(cfg["model"]["model_name_or_path"])
+    data = SFTDataModule(**{**cfg["data"], "tokenizer_name_or_path": tokenizer})
+    data.setup("fit")
+    if cfg["evaluator"]["enabled"]:
+        data.validation_problems  # noqa: B018 - reading them is the check
+        data.test_problems  # noqa: B018
+    batch = space.by_key("data.batch_size")
+    largest = batch.largest if batch is not None else cfg["data"]["batch_size"]
+    if largest > len(data.train_set):
+        raise UserError(f"data.batch_size: the search space reaches {largest}, more than the {len(data.train_set)} training records")
+
+
 def tune(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume, or join) the study described by `cfg["study"]`; returns the summary
     written to results_dir/study_results.yaml."""
@@ -47,6 +69,7 @@ def tune(cfg: dict[str, Any]) -> dict[str, Any]:
     secrets.scrub_argv()
     space = load_search_space(study_cfg.search_space_path(), cfg)
     check_trial_layout(cfg, study_cfg)
+    check_data(cfg, space)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress lines replace its per-trial logs
     try:
