@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
 import train as train_cli
 import tune as tune_cli
 from lit_sft.config import DEFAULT_CONFIGS, parse
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _shipped(tune: bool) -> dict:
@@ -42,14 +49,16 @@ def test_help_shows_what_runs_and_what_each_key_means(capsys, main, argv, shows)
         assert "default: 12)" in n_trials and "default: 20)" not in n_trials
 
 
-def test_a_wandb_run_starts_without_the_anonymous_warning(tmp_path, capfd):
-    from lightning.pytorch.loggers import WandbLogger
+def _start_a_run(code: str, tmp_path) -> str:
+    """stderr of a fresh process that starts one offline W&B run (wandb warns once per process)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    script = f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}.experiment.finish()"
+    return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=True).stderr
 
-    from lit_sft.wandb_run import make_logger
 
-    logger = make_logger({"project": "p", "mode": "offline", "save_dir": str(tmp_path), "enabled": True}, "quiet", {"a": 1})
-    logger.experiment.finish()
-    assert "anonymous" not in capfd.readouterr().err
-    # The check can fail: Lightning's own way of starting the run does print it.
-    WandbLogger(project="p", save_dir=str(tmp_path), mode="offline").experiment.finish()
-    assert "anonymous setting has no effect" in capfd.readouterr().err
+def test_a_wandb_run_starts_without_the_anonymous_warning(tmp_path):
+    ours = "from lit_sft.wandb_run import make_logger; make_logger({'project': 'p', 'mode': 'offline', 'save_dir': '.'}, 'quiet', {})"
+    assert "anonymous" not in _start_a_run(ours, tmp_path)
+    # The check can fail: Lightning's own way of starting the run prints it.
+    lightning = "from lightning.pytorch.loggers import WandbLogger; WandbLogger(project='p', save_dir='.', mode='offline')"
+    assert "anonymous setting has no effect" in _start_a_run(lightning, tmp_path)
