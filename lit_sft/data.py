@@ -160,9 +160,11 @@ class SFTDataModule(LightningDataModule):
             return problems[: hp.num_test_problems]
         if hp.train_path:
             return None
-        from lit_sft.synthetic import make_problems
+        from lit_sft.synthetic import exercises, make_problems
 
-        return [Problem(r1_zero_prompt(r["problem"]), r["answer"]) for r in make_problems(hp.num_test_problems, hp.seed + 2, split="test")]
+        # Capped at the split's distinct questions: a repeated problem would count twice in the interval.
+        n = min(hp.num_test_problems, len(exercises("test")))
+        return [Problem(r1_zero_prompt(r["problem"]), r["answer"]) for r in make_problems(n, hp.seed + 2, split="test")]
 
     def _filter_correct(self, examples: list[Example]) -> list[Example]:
         from lit_sft.grading import Category, grade

@@ -80,8 +80,10 @@ def test_the_validation_file_as_test_set_gives_the_problems_after_the_validation
 
 
 def test_generated_test_problems_are_disjoint_from_validation_and_real_data_needs_a_test_path(tmp_path):
-    generated = SFTDataModule(num_validation_problems=200, num_test_problems=200)
-    assert not {p.prompt for p in generated.validation_problems} & {p.prompt for p in generated.test_problems}
+    generated = SFTDataModule(num_validation_problems=200, num_test_problems=5000)
+    test = [p.prompt for p in generated.test_problems]
+    assert not {p.prompt for p in generated.validation_problems} & set(test)
+    assert len(test) == len(set(test)) < 5000  # every distinct test question once, none twice
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
     assert SFTDataModule(train_path=str(train)).test_problems is None
