@@ -109,6 +109,9 @@ def _variants(model: torch.nn.Module, tmp_path: Path) -> dict[str, Path]:
     save_file({**state, "model.norm.weight": torch.ones(64, dtype=torch.int64)}, str(out["integer"]))
     out["not_safetensors"] = tmp_path / "notes.safetensors"
     out["not_safetensors"].write_text("just some text, long enough to have eight bytes")
+    header = b'{"model.norm.weight": {"dtype": "F32", "shape": [64]}}'
+    out["bad_entry"] = tmp_path / "bad_entry.safetensors"
+    out["bad_entry"].write_bytes(len(header).to_bytes(8, "little") + header)
     return out
 
 
@@ -124,6 +127,7 @@ def test_weight_files_are_checked_in_full_with_the_cause_named(tied, tmp_path: P
         "unknown": "unexpected tensor model.extra.weight: the model has no such weight",
         "integer": "tensor model.norm.weight has dtype I64, expected one of F64, F32, F16, BF16",
         "not_safetensors": "not a safetensors file",
+        "bad_entry": "not a safetensors file: bad header entry for model.norm.weight",
     }
     for kind, cause in expected.items():
         with pytest.raises(ValueError, match=f"^checkpoint {re.escape(str(files[kind]))}: {cause}"):

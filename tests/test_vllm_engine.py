@@ -212,7 +212,7 @@ def test_a_failure_inside_the_engine_marks_it_lost(models, tmp_path) -> None:
     reshaped = _bad_files(model.trained, tmp_path)["reshaped"]
     script = tmp_path / "lose.py"
     script.write_text(LOSE_THE_ENGINE)
-    proc = subprocess.run([sys.executable, str(script), model.path, str(reshaped)], capture_output=True, text=True, timeout=LOAD_TIMEOUT_S)
+    proc = subprocess.run([sys.executable, str(script), model.path, str(reshaped)], check=False, capture_output=True, text=True, timeout=LOAD_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcome = json.loads(proc.stdout.strip().splitlines()[-1])
     assert outcome["raised"] == "EngineStateLost" and outcome["healthy"] is False
@@ -226,10 +226,10 @@ def test_a_failure_inside_the_engine_marks_it_lost(models, tmp_path) -> None:
 def _client(model: Model, problems, **overrides):
     from lit_sft.evaluator import EvaluatorClient, EvaluatorConfig
 
-    values = dict(
-        backend="vllm", device="cpu", num_problems=len(problems), max_new_tokens=MAX_NEW_TOKENS,
-        num_examples=2, kv_cache_memory_bytes=KV_CACHE_BYTES,
-    )
+    values = {
+        "backend": "vllm", "device": "cpu", "num_problems": len(problems), "max_new_tokens": MAX_NEW_TOKENS,
+        "num_examples": 2, "kv_cache_memory_bytes": KV_CACHE_BYTES,
+    }
     return EvaluatorClient(model.path, problems, EvaluatorConfig(**{**values, **overrides}))
 
 
@@ -313,7 +313,7 @@ def test_the_training_process_keeps_its_threads_and_never_imports_vllm(models, t
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, str(script), model.path, str(model.trained)],
-        capture_output=True, text=True, env=env, timeout=LOAD_TIMEOUT_S,
+        check=False, capture_output=True, text=True, env=env, timeout=LOAD_TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -339,7 +339,7 @@ def test_tune_with_the_vllm_evaluator_grades_every_trial(tmp_path) -> None:
         "--data.num_generated", "1200", "--data.eval_size", "32", "--data.num_validation_problems", "32",
         "--wandb.enabled", "false", "--trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path / "out"),
     ]
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = yaml.safe_load((results / "study_results.yaml").read_text())
     assert len(report["trials"]) == 2

@@ -116,9 +116,14 @@ def _read_header(path: Path) -> dict[str, Any]:
     except ValueError as err:
         raise ValueError(f"not a safetensors file: bad header ({err})") from err
     if not isinstance(header, dict):
-        raise ValueError("not a safetensors file: the header is not a JSON object")
+        raise ValueError("not a safetensors file: the header is not a JSON object")  # noqa: TRY004 - bad content, not a bad argument
     header.pop("__metadata__", None)
-    needed = 8 + length + max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    for name, entry in header.items():
+        ok = isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
+        offsets = entry.get("data_offsets") if ok else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)):
+            raise ValueError(f"not a safetensors file: bad header entry for {name}")
+    needed = 8 + length + max((t["data_offsets"][1] for t in header.values()), default=0)
     if size < needed:
         raise ValueError(f"truncated file: {size} bytes of {needed}")
     return header
@@ -294,6 +299,9 @@ class WeightFileLoader:
     def lit_sft_load_weights(self, path: str) -> int:
         from safetensors.torch import load_file
         from vllm.config import set_current_vllm_config
+        from vllm.model_executor.layers.quantization.base_config import (
+            QuantizeMethodBase,
+        )
 
         # Read in full first: an unreadable byte then fails here, before any weight has changed.
         state = load_file(path)
@@ -308,8 +316,6 @@ class WeightFileLoader:
         # keeps the packed copy of the old embedding that its own process_weights_after_loading
         # made at start-up (a no-op on CUDA, a repack on CPU). Run it again, as the initial load
         # does for every layer (model_loader/utils.py, process_weights_after_loading).
-        from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
-
         model = self.model_runner.get_model()
         with set_current_vllm_config(self.vllm_config):
             for layer in _aliased_layers(model):
