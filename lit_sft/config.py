@@ -165,40 +165,12 @@ def config_paths(argv: list[str]) -> list[str]:
 
 
 def check_yaml(path: str) -> None:
-    """A config file that is not readable YAML, named with its line and column.
+    """A config file that is not readable YAML or not a mapping, named with its line and column."""
+    from lit_sft.yamlfile import read_yaml
 
-    The parser reads the file's text and reports YAML errors as `"<unicode string>", line 1`,
-    which names neither the file nor the place.
-    """
-    import yaml
-
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise UserError(f"--config: no such file: {path}") from None
-    except OSError as err:
-        raise UserError(f"--config: cannot read {path}: {err.strerror or err}") from None
-    try:
-        loaded = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: {_yaml_problem(err)}") from None
+    _, loaded = read_yaml(path, "--config")
     if loaded is not None and not isinstance(loaded, dict):
         raise UserError(f"{path}: expected a mapping of sections (model:, data:, ...), got {type(loaded).__name__}")
-
-
-def _yaml_problem(err: Exception) -> str:
-    """`line 3, column 18: ...`: where the broken construct starts, and where YAML noticed it."""
-    context, problem = getattr(err, "context_mark", None), getattr(err, "problem_mark", None)
-    start = context or problem
-    if start is None:
-        return f"not valid YAML: {str(err).splitlines()[0]}"
-    text = f"line {start.line + 1}, column {start.column + 1}: not valid YAML: "
-    if context is not None and getattr(err, "context", None):
-        text += f"{err.context}"
-        if problem is not None and getattr(err, "problem", None):
-            text += f", {err.problem} at line {problem.line + 1}, column {problem.column + 1}"
-        return text
-    return text + str(getattr(err, "problem", None) or str(err).splitlines()[0])
 
 
 def _one_line(err: Exception) -> str:
