@@ -410,7 +410,11 @@ def test_worker_never_outlives_its_parent(tiny_model_path: str, tmp_path: Path, 
             os.killpg(parent.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
         elif how == "sigkill":
             parent.kill()
-        parent.wait(timeout=30)
+        try:
+            parent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            parent.kill()  # its stderr then shows where it was (a KeyboardInterrupt's traceback)
+            pytest.fail(f"parent still running 30 s after {how}; stderr: {parent.stderr.read()[-3000:]}")
         assert wait_gone(worker_pid, timeout_s=15), f"evaluator {worker_pid} outlived its parent ({how})"
     finally:
         if parent.poll() is None:
