@@ -8,6 +8,25 @@ batch_size:    {kind: categorical, choices: [32, 64, 128, 256], key: data.batch_
 Kinds map one-to-one onto Optuna's `suggest_float`, `suggest_int` and `suggest_categorical`,
 so a space file says exactly what the sampler does. Every problem in the file is collected and
 raised once, naming the file, line and entry.
+
+A float entry may be searched normalised by another entry (`scale`):
+
+```yaml
+learning_rate:
+  kind: float
+  low: 1.0e-4
+  high: 3.0e-2
+  log: true
+  key: model.learning_rate
+  scale: {with: batch_size, rule: sqrt, reference: 32}   # applied = sampled x sqrt(batch_size / 32)
+```
+
+The sampler proposes (and Optuna records in `trial.params`) the normalised value; the trial's
+config gets `sampled x (batch_size / reference) ** p`, p = 1/2 for `sqrt`, 1 for `linear`.
+Square-root scaling is the usual rule for Adam-type optimisers: the best learning rate grows
+with the square root of the batch, so one region of the normalised value suits every batch
+size and the sampler need not find it again per batch size. The range is that of the value at
+the reference batch; the config's range checks run on the applied values.
 """
 
 from __future__ import annotations
@@ -15,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +45,31 @@ from lit_sft.errors import UserError
 
 KINDS = ("float", "int", "categorical")
 _RANGE_FIELDS = {"low", "high", "log", "step"}
-_FIELDS = {"float": _RANGE_FIELDS, "int": _RANGE_FIELDS, "categorical": {"choices"}}
+_FIELDS = {"float": _RANGE_FIELDS | {"scale"}, "int": _RANGE_FIELDS, "categorical": {"choices"}}
 _COMMON = {"kind", "key"}
+SCALE_RULES = {"sqrt": 0.5, "linear": 1.0}
+"""The exponent each `scale.rule` raises (with / reference) to."""
+_SCALE_FIELDS = ("with", "rule", "reference")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A float entry searched normalised: applied = sampled x (value of `with` / reference) ** exponent."""
+
+    with_: str
+    """Name of the entry (in the same file) whose value scales this one, e.g. batch_size."""
+    rule: str
+    """sqrt or linear (SCALE_RULES)."""
+    reference: float
+    """The value of `with` at which the applied value equals the sampled one."""
+
+    def factor(self, other: Any) -> float:
+        return (float(other) / self.reference) ** SCALE_RULES[self.rule]
+
+    def describe(self, name: str) -> str:
+        """`learning_rate = sampled x sqrt(batch_size / 32)`: the rule in the report's words."""
+        ratio = f"{self.with_} / {self.reference:g}"
+        return f"{name} = sampled x {'sqrt(' + ratio + ')' if self.rule == 'sqrt' else '(' + ratio + ')'}"
 
 
 @dataclass(frozen=True)
@@ -42,6 +85,8 @@ class Param:
     log: bool = False
     step: float | int | None = None
     choices: tuple[Any, ...] = ()
+    scale: Scale | None = None
+    """Searched normalised: the config gets the sampled value times this factor."""
     line: int | None = None
     """Line of the entry in its file, for messages."""
 
@@ -79,15 +124,34 @@ class SearchSpace:
         """Ask the trial for a value of every parameter, in file order."""
         return {p.name: p.suggest(trial) for p in self.params}
 
-    def apply(self, cfg: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-        """A deep copy of `cfg` with each parameter's value set at its dotted key."""
-        out = copy.deepcopy(cfg)
+    @property
+    def scaled(self) -> bool:
+        """Whether any entry is searched normalised (its applied value differs from the sampled)."""
+        return any(p.scale is not None for p in self.params)
+
+    def scales(self) -> dict[str, str]:
+        """Each normalised entry's rule in words, by name (empty when none is normalised)."""
+        return {p.name: p.scale.describe(p.name) for p in self.params if p.scale is not None}
+
+    def applied(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The values the config gets: sampled ones, with every `scale` applied."""
+        out = dict(values)
         for param in self.params:
+            if param.scale is not None:
+                out[param.name] = float(values[param.name]) * param.scale.factor(values[param.scale.with_])
+        return out
+
+    def apply(self, cfg: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        """A deep copy of `cfg` with each parameter's applied value (`applied`) at its dotted key;
+        `values` are the sampled ones, as in `trial.params`."""
+        out = copy.deepcopy(cfg)
+        for name, value in self.applied(values).items():
+            param = next(p for p in self.params if p.name == name)
             *parents, leaf = param.key.split(".")
             node = out
             for part in parents:
                 node = node[part]
-            node[leaf] = values[param.name]
+            node[leaf] = value
         return out
 
 
@@ -173,12 +237,59 @@ def _check_entry(name: str, entry: Any, cfg: dict[str, Any] | None) -> tuple[Par
             problems.append(f"log scale needs low > 0, got low={low}")
         if log is True and step is not None:
             problems.append("log and step cannot be combined (Optuna samples either on a log scale or on a grid)")
+        scale, scale_problems = _check_scale(entry["scale"]) if "scale" in entry else (None, [])
+        problems += scale_problems
         if problems:
             return None, problems
         if kind == "float":
             low, high = float(low), float(high)
-        return Param(name, kind, key, low=low, high=high, log=log, step=step), []
+        return Param(name, kind, key, low=low, high=high, log=log, step=step, scale=scale), []
     return None, problems
+
+
+def _check_scale(raw: Any) -> tuple[Scale | None, list[str]]:
+    """The fields of one `scale` mapping; whether `with` names a usable entry is checked once all
+    entries are read (`_scale_problems`)."""
+    wanted = "scale must be a mapping {with: <entry>, rule: sqrt | linear, reference: <number > 0>}"
+    if not isinstance(raw, dict):
+        return None, [f"{wanted}, got {raw!r}"]
+    problems = [f"scale: unknown field {k!r} (allowed: {', '.join(_SCALE_FIELDS)})" for k in sorted(set(raw) - set(_SCALE_FIELDS), key=str)]
+    problems += [f"scale.{k} is missing ({wanted})" for k in _SCALE_FIELDS if k not in raw]
+    other, rule, reference = raw.get("with"), raw.get("rule"), _number(raw.get("reference"))
+    if "with" in raw and (not isinstance(other, str) or not other):
+        problems.append(f"scale.with must name another entry of this file, got {other!r}")
+    if "rule" in raw and rule not in SCALE_RULES:
+        problems.append(f"scale.rule must be one of {', '.join(SCALE_RULES)}, got {rule!r}")
+    if "reference" in raw and not (_is_number(reference) and math.isfinite(reference) and reference > 0):
+        problems.append(f"scale.reference must be a number > 0, got {raw.get('reference')!r}")
+    if problems:
+        return None, problems
+    return Scale(with_=other, rule=rule, reference=float(reference)), []
+
+
+def _scale_problems(name: str, with_: str, raw: dict[str, Any]) -> list[str]:
+    """What keeps entry `with_` from scaling entry `name`: it must be another entry of the file,
+    not normalised itself, and take only positive numbers."""
+    other = raw.get(with_)
+    if with_ == name:
+        return [f"scale.with names the entry itself ({name!r}), not another entry such as batch_size"]
+    if with_ not in raw:
+        known = ", ".join(str(n) for n in raw if n != name)
+        return [f"scale.with {with_!r} is no entry of this file (entries: {known})"]
+    if not isinstance(other, dict):
+        return []  # that entry's own problem is reported there
+    if isinstance(other.get("scale"), dict):
+        return [f"scale.with {with_!r} is normalised itself: scale by an entry that is searched as it is"]
+    if other.get("kind") == "categorical":
+        values = other.get("choices") if isinstance(other.get("choices"), list) else []
+    elif other.get("kind") in ("float", "int"):
+        values = [_number(other.get("low")), _number(other.get("high"))]
+    else:
+        return []
+    bad = [v for v in values if not (_is_number(v) and v > 0)]
+    if bad:
+        return [f"scale.with {with_!r} can take {', '.join(repr(v) for v in bad)}, and a scale needs positive numbers"]
+    return []
 
 
 def load_search_space(path: str | Path, cfg: dict[str, Any] | None = None) -> SearchSpace:
@@ -201,6 +312,13 @@ def load_search_space(path: str | Path, cfg: dict[str, Any] | None = None) -> Se
         param, entry_problems = _check_entry(str(name), entry, cfg)
         where = f"line {lines[name]}, {name}" if name in lines else str(name)
         problems.extend(f"{where}: {p}" for p in entry_problems)
+        scaled = isinstance(entry, dict) and entry.get("kind") == "float" and isinstance(entry.get("scale"), dict)
+        other = entry["scale"].get("with") if scaled else None
+        if isinstance(other, str) and other:
+            # Checked even when the entry has other problems, so one run reports everything.
+            scale_problems = _scale_problems(str(name), other, raw)
+            problems.extend(f"{where}: {p}" for p in scale_problems)
+            param = None if scale_problems else param
         if param is not None:
             params.append(dataclasses.replace(param, line=lines.get(name)))
     # Checked over all entries, valid or not, so one run reports everything.
@@ -241,14 +359,24 @@ def corner_problems(space: SearchSpace, cfg: dict[str, Any]) -> list[str]:
     problems: dict[str, str] = {}
     for point in points:
         values = {p.name: point.get(p.name, _current(cfg, p.key)) for p in space.params}
+        applied = space.applied(values)
+        # The checks run on the applied values: a normalised entry's corner is only out of range
+        # at some value of the entry that scales it.
         for problem in range_problems(space.apply(cfg, values)):
             if problem in base or problem in problems:
                 continue
             # Name the entries the problem is about (its key), else every entry of the corner.
             involved = [p for p in space.params if p.name in point and p.key in problem] or [p for p in space.params if p.name in point]
-            named = ", ".join(f"{p.name}={values[p.name]!r}{_where(p)}" for p in involved)
+            for param in list(involved):
+                if param.scale is not None:  # the entry that scales it is part of the corner
+                    involved += [p for p in space.params if p.name == param.scale.with_ and p not in involved]
+            named = ", ".join(f"{p.name}={values[p.name]!r}{_applied_note(p, applied)}{_where(p)}" for p in involved)
             problems[problem] = f"{named}: {problem}"
     return list(problems.values())
+
+
+def _applied_note(param: Param, applied: dict[str, Any]) -> str:
+    return f" (applied {applied[param.name]:.6g})" if param.scale is not None else ""
 
 
 def _current(cfg: dict[str, Any], key: str) -> Any:
