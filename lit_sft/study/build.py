@@ -65,14 +65,44 @@ class TrialSeededTPESampler(optuna.samplers.TPESampler):
         super().before_trial(study, trial)
 
 
+class TrialSeededGPSampler(optuna.samplers.GPSampler):
+    """GPSampler reset from (seed, trial number) at the start of every trial, for the reasons of
+    TrialSeededTPESampler. Its start-up points come from a RandomSampler seeded the same way, so
+    they are the points TPE's start-up would draw: a GP study and a TPE study of one seed begin
+    alike (bench/search_efficiency.py pairs them with random search that way)."""
+
+    def __init__(self, *, seed: int, **kwargs: Any) -> None:
+        super().__init__(seed=seed, independent_sampler=optuna.samplers.RandomSampler(seed=seed), **kwargs)
+        self._base_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        seed = (self._base_seed + trial.number) % 2**32
+        try:
+            self._rng.rng.seed(seed)
+            self._independent_sampler._rng.rng.seed(seed)
+        except AttributeError:
+            self.reseed_rng()
+        super().before_trial(study, trial)
+
+
 def make_sampler(study_cfg: StudyConfig) -> optuna.samplers.BaseSampler:
     s = study_cfg.sampler
     with warnings.catch_warnings():
-        # multivariate TPE is marked experimental; it has been stable since Optuna 2.2
+        # multivariate TPE is marked experimental; it has been stable since Optuna 2.2. GPSampler's
+        # deterministic_objective is marked experimental too (since Optuna 3.6).
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if s.kind == "gp":
+            return TrialSeededGPSampler(
+                seed=study_cfg.seed,
+                n_startup_trials=s.n_startup_trials,
+                deterministic_objective=s.deterministic_objective,
+                # every parameter of a fixed space is modelled; a warning per trial would be noise
+                warn_independent_sampling=False,
+            )
         return TrialSeededTPESampler(
             seed=study_cfg.seed,
             n_startup_trials=s.n_startup_trials,
+            n_ei_candidates=s.n_ei_candidates,
             constant_liar=s.constant_liar,
             multivariate=s.multivariate,
         )
@@ -109,13 +139,24 @@ def open_study(study_cfg: StudyConfig, cfg: dict[str, Any], space: SearchSpace, 
 
 
 def _check_same_space(study: optuna.Study, space: SearchSpace) -> None:
-    """A resumed study must search the same names: TPE models trials by parameter name."""
+    """A resumed study must search the same names, normalised the same way: the sampler models
+    trials by parameter name, and a learning rate searched plainly and one searched normalised
+    by batch size are different quantities under one name."""
     names = set(space.names)
+    scales = space.scales()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         if set(trial.params) != names:
             raise UserError(
                 f"study.search_space: study {study.study_name!r} already has trials over "
                 f"{sorted(trial.params)}, but {space.path} defines {sorted(names)}; use another study.name"
+            )
+        recorded = trial.user_attrs.get("param_scales") or {}
+        if recorded != scales:
+            def said(s: dict[str, str]) -> str:
+                return "; ".join(s.values()) if s else "no normalised entry"
+            raise UserError(
+                f"study.search_space: study {study.study_name!r} was searched with {said(recorded)}, but {space.path} "
+                f"has {said(scales)}; use another study.name"
             )
 
 

@@ -19,15 +19,27 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class SamplerConfig:
-    """Optuna's TPESampler (seeded with `study.seed`)."""
+    """The sampler (seeded with `study.seed`, reseeded with seed + trial number before each trial)."""
 
+    kind: Literal["tpe", "gp"] = "tpe"
+    """tpe: Optuna's TPESampler, which also learns from pruned trials (ranked below the complete
+    ones, by how far they got). gp: Optuna's GPSampler (Gaussian process, logEI), which fits on
+    complete trials only, so under ASHA it stays random until n_startup_trials trials have run to
+    the end (docs/BENCHMARKS.md, search efficiency)."""
     n_startup_trials: int = 3
-    """Trials sampled at random before TPE starts modelling the space. On the embedded task, 3 of
-    12 found clearly better models than 5 of 12 for the same examples (docs/BENCHMARKS.md)."""
+    """Trials sampled at random before TPE (or GP) models the space (tpe: complete or pruned
+    trials count; gp: complete trials only). On the embedded task, 3 of 12 found clearly better models than 5
+    of 12 for the same examples (docs/BENCHMARKS.md)."""
     constant_liar: bool = True
-    """Treat running trials as bad so parallel workers do not all propose the same point."""
+    """tpe: treat running trials as bad so parallel workers do not all propose the same point."""
     multivariate: bool = True
-    """Model the parameters jointly (learning rate and batch size interact), not one by one."""
+    """tpe: model the parameters jointly (learning rate and batch size interact), not one by one."""
+    n_ei_candidates: int = 24
+    """tpe: candidates drawn from the model of the good trials per proposal; the one with the best
+    ratio of good to bad density is tried (Optuna's default 24)."""
+    deterministic_objective: bool = False
+    """gp: fit the Gaussian process without observation noise. Training on CPU or GPU is not bit
+    for bit repeatable, so false."""
 
 
 @dataclass
@@ -136,8 +148,12 @@ class StudyConfig:
             problem = url_problem(self.storage)
             if problem:
                 problems.append(problem)
+        if self.sampler.kind not in ("tpe", "gp"):
+            problems.append(f"study.sampler.kind must be tpe or gp, got {self.sampler.kind!r}")
         if self.sampler.n_startup_trials < 0:
             problems.append(f"study.sampler.n_startup_trials must be >= 0, got {self.sampler.n_startup_trials}")
+        if not isinstance(self.sampler.n_ei_candidates, int) or self.sampler.n_ei_candidates < 1:
+            problems.append(f"study.sampler.n_ei_candidates must be >= 1, got {self.sampler.n_ei_candidates!r}")
         if self.pruner.min_resource is not None and self.pruner.min_resource < 1:
             problems.append(f"study.pruner.min_resource must be >= 1 or null, got {self.pruner.min_resource}")
         if self.pruner.reduction_factor < 2:
