@@ -115,8 +115,21 @@ def _header(summary: dict[str, Any]) -> str:
         f"# Study `{summary['study']}`\n\n"
         f"{total} of {summary['n_trials']} trials: {counts}. Objective: the {goal} `{summary['metric']}` "
         "(a trial's value is its best evaluation). Accuracies are validation accuracies with their 95% "
-        "Wilson interval [low, high] over the n problems graded."
+        "Wilson interval [low, high] over the n problems graded." + _normalised(summary)
     )
+
+
+def _normalised(summary: dict[str, Any]) -> str:
+    """The sentence that says which values were searched normalised, so no reader takes a
+    learning rate in the tables for the sampler's value, or the other way round."""
+    scales = summary.get("param_scales") or {}
+    if not scales:
+        return ""
+    names = ", ".join(f"`{n}`" for n in scales)
+    rules = "; ".join(f"`{rule}`" for rule in scales.values())
+    return (f" {names} {'was' if len(scales) == 1 else 'were'} searched normalised ({rules}): every value in "
+            "this report and the plots is the one the trial trained with; the sampler's values are in "
+            "study_results.yaml (`sampled_params`), and the importance below is of those.")
 
 
 def _best(summary: dict[str, Any]) -> str:
@@ -124,6 +137,9 @@ def _best(summary: dict[str, Any]) -> str:
     if best is None:
         return "## Best trial\n\nNo trial has completed, so there is no best trial yet."
     rows = [[name, format_value(value)] for name, value in best["params"].items()]
+    for name, value in (best.get("sampled_params") or {}).items():
+        if name in (summary.get("param_scales") or {}):
+            rows.append([f"{name} searched (normalised)", format_value(value)])
     rows.append([f"`{summary['metric']}`", format_value(best["value"])])
     if best["accuracy"] is not None:
         rows.append(["validation accuracy", _accuracy(best, with_n=True)])

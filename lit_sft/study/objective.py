@@ -85,17 +85,24 @@ class Objective:
         from callbacks.pruning import OptunaPruning
 
         params = self.space.suggest(trial)
+        applied = self.space.applied(params)
+        if self.space.scaled:
+            # trial.params hold what the sampler models (a normalised learning rate); the report,
+            # the plots and a reader of the storage need the values the trial trained with.
+            trial.set_user_attr("applied_params", applied)
+            trial.set_user_attr("param_scales", self.space.scales())
         cfg = self.trial_config(params, trial.number)
         pruning = OptunaPruning(trial, monitor=self.study_cfg.metric)
         run_name = f"trial-{trial.number:04d}"
-        progress_start(trial, params, self.study_cfg.n_trials, self.slots.get(trial.number))
+        progress_start(trial, applied, self.study_cfg.n_trials, self.slots.get(trial.number))
         ranks = Ranks(cfg, Path(cfg["output_dir"]), run_name, self.study_cfg.metric)
         try:
             with ranks:
                 result = train(
                     cfg, callbacks=[pruning], evaluator=self.evaluator, run_name=run_name,
                     keep_best_weights=self.study_cfg.save_best_model,
-                    logger_params={"study": self.study_cfg.to_dict(), "trial": trial.number, "params": params},
+                    logger_params={"study": self.study_cfg.to_dict(), "trial": trial.number, "params": applied,
+                                   **({"sampled_params": params} if self.space.scaled else {})},
                 )
         except UserError as err:
             self._record_failure(trial, err, "config")

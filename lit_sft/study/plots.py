@@ -211,8 +211,10 @@ def _plot_hyperparams(plt, rows, summary, path: Path) -> bool:
         ticks = sorted({r["params"][y_name] for r in placed})
         ax.set_yticks(ticks, [str(t) for t in ticks])
         ax.yaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel(x_name)
-    ax.set_ylabel(y_name)
+    scales = summary.get("param_scales") or {}
+    # A normalised entry is drawn at the value the trial trained with; the label says so.
+    ax.set_xlabel(f"{x_name} (applied; searched as {scales[x_name]})" if x_name in scales else x_name)
+    ax.set_ylabel(f"{y_name} (applied; searched as {scales[y_name]})" if y_name in scales else y_name)
     ax.set_title(f"{x_name} vs {y_name}, coloured by {summary['metric']}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best")
@@ -279,7 +281,9 @@ def _plot_importance(plt, summary: dict[str, Any], path: Path) -> bool:
     for ax, (key, data) in zip(axes[0], panels):
         names = sorted(data["values"], key=data["values"].get)
         values = [data["values"][n] for n in names]
-        ax.barh(names, values, color="#1f77b4" if key == "first_rung" else "#9467bd")
+        # fANOVA fits the sampler's values: a normalised entry's importance is the normalised one's.
+        scales = summary.get("param_scales") or {}
+        ax.barh([f"{n} (normalised)" if n in scales else n for n in names], values, color="#1f77b4" if key == "first_rung" else "#9467bd")
         for y, v in enumerate(values):
             ax.annotate(f"{v:.2f}", (v, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=9)
         ax.set_xlim(0, 1.12)

@@ -142,13 +142,32 @@ def _pruned_rung(trial: FrozenTrial, rungs: list[int]) -> int | None:
     return completed - 1 if completed else None
 
 
+def applied_params(trial: FrozenTrial) -> dict[str, Any]:
+    """The values the trial trained with: `trial.params` with any normalised entry (a learning
+    rate searched per batch size, lit_sft/search_space.py) replaced by the value applied."""
+    applied = trial.user_attrs.get("applied_params")
+    return {**trial.params, **applied} if isinstance(applied, dict) else dict(trial.params)
+
+
+def param_scales(trials: Iterable[FrozenTrial]) -> dict[str, str]:
+    """The rules of the normalised entries (`learning_rate = sampled x sqrt(batch_size / 32)`),
+    as the trials recorded them; empty when the space searched every value as it is applied."""
+    for trial in trials:
+        scales = trial.user_attrs.get("param_scales")
+        if isinstance(scales, dict) and scales:
+            return dict(scales)
+    return {}
+
+
 def trial_row(trial: FrozenTrial, rungs: list[int] | None = None) -> dict[str, Any]:
     attrs = trial.user_attrs
     accuracy, interval, n = accuracy_figures(attrs)
+    params = applied_params(trial)
     row: dict[str, Any] = {
         "number": trial.number,
         "state": trial.state.name,
-        "params": dict(trial.params),
+        # What the trial trained with; the sampler's own (normalised) values follow when they differ.
+        "params": params,
         # Optuna stores a pruned trial's last report as its value; only a complete trial has an objective.
         "value": _finite(trial.value) if trial.state == TrialState.COMPLETE else None,
         "best_objective": _finite(attrs.get("best_objective")),
@@ -165,6 +184,8 @@ def trial_row(trial: FrozenTrial, rungs: list[int] | None = None) -> dict[str, A
         "stopped_early": attrs.get("stopped_early"),
         "duration_s": round(trial.duration.total_seconds(), 1) if trial.duration else None,
     }
+    if params != dict(trial.params):
+        row["sampled_params"] = dict(trial.params)
     if trial.state == TrialState.PRUNED:
         row["pruned_at"] = attrs.get("pruned_at")
         row["pruned_rung"] = _pruned_rung(trial, rungs or [])
@@ -254,12 +275,13 @@ def summarize(study: optuna.Study, *, metric: str, n_trials: int, results_dir: s
         "counts": {k: v for k, v in counts.items() if v},
         "best_trial": best.number if best else None,
         "best_value": _finite(best.value) if best else None,
-        "best_params": dict(best.params) if best else None,
+        "best_params": applied_params(best) if best else None,
         "best_accuracy": best_row["accuracy"] if best_row else None,
         "best_accuracy_ci": best_row["accuracy_ci"] if best_row else None,
         "best_accuracy_n": best_row["accuracy_n"] if best_row else None,
         "best_categories": best_row["categories"] if best_row else None,
         "tied_with_best": mark_ties(rows, best_row["number"] if best_row else None),
+        "param_scales": param_scales(trials),
         "test_accuracy": final_test(study, best.number if best else None),
         "best_model": None,
         "rungs": rungs,
