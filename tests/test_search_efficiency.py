@@ -91,3 +91,59 @@ def test_pruner_replay_cuts_curves_where_asha_prunes():
     pool = [fast, slow]
     assert replay.measure(pool, replay.Setting(1024, 3, 0.05), n_trials=2, draws=20)["kept"] == 1.0
     assert replay.measure(pool, replay.Setting(1024, 3, 0.0), n_trials=2, draws=20)["kept"] < 1.0
+
+
+def test_variant_spaces_keep_random_search_plain():
+    space = {"learning_rate": {"kind": "float", "low": 1e-4, "high": 3e-2, "log": True, "key": "model.learning_rate",
+                               "scale": {"with": "batch_size", "rule": "sqrt", "reference": 32}},
+             "batch_size": {"kind": "categorical", "choices": [8, 64], "key": "data.batch_size"}}
+    assert "scale" not in se.variant_space(space, "none", 32)["learning_rate"]
+    assert se.variant_space(space, "linear", 16)["learning_rate"]["scale"] == {"with": "batch_size", "rule": "linear", "reference": 16}
+    assert se.variant_space(space, None, 32) is space
+    assert space["learning_rate"]["scale"]["rule"] == "sqrt"  # the source is not changed
+    with pytest.raises(ValueError):
+        se.variant_space({"batch_size": space["batch_size"]}, "sqrt", 32)
+
+
+def test_variant_flags_become_tpe_asha_overrides_only(tmp_path):
+    args = se.parse_args(["--quick", "--sampler", "gp", "--n-startup", "2", "--n-ei-candidates", "48", "--univariate",
+                          "--measure-at", "2"])
+    args.random_space, args.tpe_asha_space = tmp_path / "r.yaml", tmp_path / "t.yaml"
+    tpe = se.study_overrides("tpe_asha", 0, args, tmp_path, "n")
+    joined = " ".join(tpe)
+    assert "--study.sampler.kind gp --study.sampler.n_startup_trials 2 --study.sampler.n_ei_candidates 48" in joined
+    assert "--study.sampler.multivariate false" in joined and f"--study.search_space {tmp_path / 't.yaml'}" in joined
+    random = " ".join(se.study_overrides("random", 0, args, tmp_path, "n"))
+    assert f"--study.search_space {tmp_path / 'r.yaml'}" in random
+    assert "--study.sampler.kind tpe --study.sampler.n_startup_trials 3 --study.pruner.enabled false" in random
+    assert "48" not in random and "multivariate" not in random
+    assert args.measure_at == [2, 3]
+    with pytest.raises(SystemExit):
+        se.parse_args(["--quick", "--measure-at", "4"])
+
+
+def test_measuring_at_fewer_trials_takes_each_study_s_first_ones():
+    trials = [trial(n, [(100, 1.0 - n / 10)]) for n in range(5)]
+    assert [t.number for t in se.truncate(trials, 3)] == [0, 1, 2]
+    guided = [trial(0, [(100, 0.95)]), trial(1, [(100, 0.5)]), trial(2, [(100, 0.1)])]
+    summary = se.summarize_seed({"random": se.truncate(trials, 3), "tpe_asha": se.truncate(guided, 2)}, 0.01)
+    assert summary["random_best"] == pytest.approx(0.8)  # random's best of its first 3, not of all 5
+    assert summary["methods"]["tpe_asha"]["examples_to_target"] == 200
+    assert summary["methods"]["tpe_asha"]["best_loss"] == pytest.approx(0.5)  # trial 2 is beyond the count
+
+
+def test_floor_rounding_replaces_the_budget_rule_everywhere_the_tuner_reads_it(tmp_path):
+    import subprocess
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys, lit_sft.config, lit_sft.training, lit_sft.study.objective\n"
+        "cfg = {'budget': {'examples': 20000, 'eval_every_examples': 2000}, 'data': {'batch_size': 64}, 'trainer': {}}\n"
+        "print([m.apply_budget(cfg)['trainer']['val_check_interval'] for m in (lit_sft.config, lit_sft.training, lit_sft.study.objective)],"
+        " sys.argv[1:])\n")
+    header = f"ROOT, TUNE = {str(se.ROOT)!r}, {str(probe)!r}\n"
+    out = subprocess.run([sys.executable, "-c", header + se.FLOOR_ROUNDING, "--a", "1"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[31, 31, 31] ['--a', '1']"  # 2000 // 64: evaluations every 1,984 examples, the old rule
+    from lit_sft.config import apply_budget
+
+    assert apply_budget({"budget": {"eval_every_examples": 2000}, "data": {"batch_size": 64}, "trainer": {}})["trainer"]["val_check_interval"] == 32
