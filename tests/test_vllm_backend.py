@@ -23,6 +23,8 @@ from lit_sft.evaluator.backends import (
     VllmBackend,
     WeightSpec,
     _aliased_layers,
+    _layers_without_own_weights,
+    _NothingToLoad,
     _visible_devices,
     check_weights_file,
     engine_kwargs,
@@ -179,6 +181,22 @@ def test_transformers_backend_refuses_a_bad_file_before_copying_anything(tiny_mo
 def test_aliased_layers_are_the_tied_head_only(tied) -> None:
     assert _aliased_layers(tied) == [tied.lm_head]
     assert _aliased_layers(_tiny_qwen2("sdpa", tie_word_embeddings=False)) == []
+
+
+def test_only_reload_warnings_for_layers_without_weights_are_dropped(tied) -> None:
+    import logging
+
+    untied = _tiny_qwen2("sdpa", tie_word_embeddings=False)
+    assert {"Qwen2RotaryEmbedding", "Linear"} <= _layers_without_own_weights(tied)
+    assert "Linear" not in _layers_without_own_weights(untied)
+    quiet = _NothingToLoad({"ParallelLMHead", "RotaryEmbedding"})
+
+    def record(msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("vllm", logging.WARNING, __file__, 1, msg, args, None)
+
+    assert not quiet.filter(record("%s: Failed to load weights", "ParallelLMHead"))
+    assert quiet.filter(record("%s: Failed to load weights", "QKVParallelLinear"))
+    assert quiet.filter(record("Reloading and processing weights took %.2f seconds", 0.1))
 
 
 # -- the adapter ----------------------------------------------------------------------------------

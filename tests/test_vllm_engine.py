@@ -240,8 +240,9 @@ def _problems():
     return [Problem(r1_zero_prompt(p["problem"]), p["answer"]) for p in make_problems(NUM_PROMPTS, seed=0)]
 
 
-def test_one_engine_per_evaluator_process_and_failed_swaps_cost_nothing(models, tmp_path, capfd) -> None:
+def test_one_engine_per_evaluator_process_and_failed_swaps_cost_nothing(models, tmp_path, capfd, monkeypatch) -> None:
     """Jobs: trained, truncated, missing tensor, wrong shape, trained again, the initial weights."""
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")  # the worker's default hides the engine's start
     model = models["tied"]
     bad = _bad_files(model.trained, tmp_path)
     paths = [model.trained, bad["truncated"], bad["missing"], bad["reshaped"], model.trained, model.initial]
@@ -266,8 +267,11 @@ def test_one_engine_per_evaluator_process_and_failed_swaps_cost_nothing(models, 
         assert again[key] == good[key], key
     # The initial weights, never trained on the r1_zero format, fail it more often.
     assert initial["format_failure"] > good["format_failure"]
-    captured = capfd.readouterr()
-    assert (captured.out + captured.err).count(ENGINE_START) == 1
+    log = "".join(capfd.readouterr())
+    assert log.count(ENGINE_START) == 1
+    # The swaps left nothing for vLLM to warn about (a tied head and the rotary cache get no
+    # weights from any file, by design).
+    assert "Failed to load weights" not in log and "Reloading weights inplace" in log
 
 
 def test_failed_swaps_grade_a_later_checkpoint_as_a_fresh_evaluator_does(models, tmp_path) -> None:

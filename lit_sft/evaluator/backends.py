@@ -10,6 +10,7 @@ it, so a bad file leaves the previous weights serving.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from collections.abc import Sequence
@@ -289,6 +290,32 @@ def _aliased_layers(model: Any) -> list[Any]:
     return out
 
 
+class _NothingToLoad:
+    """Drops vLLM's "<layer>: Failed to load weights" for layers no weight file has weights for.
+
+    vLLM's reload warns for every layer that received nothing (model_loader/reload/layerwise.py):
+    the rotary embedding (buffers only) and a tied lm_head do at every swap, by design, and the
+    warning would fill the training log. A real layer that gets nothing is still reported.
+    """
+
+    def __init__(self, layer_types: set[str]) -> None:
+        self.layer_types = layer_types
+
+    def filter(self, record: Any) -> bool:
+        expected = record.msg == "%s: Failed to load weights" and record.args and record.args[0] in self.layer_types
+        return not expected
+
+
+def _layers_without_own_weights(model: Any) -> set[str]:
+    """Class names of layers that hold only buffers or only another layer's parameters."""
+    names = {type(layer).__name__ for layer in _aliased_layers(model)}
+    for module in model.modules():
+        has_params = any(True for _ in module.parameters(recurse=False))
+        if not has_params and any(True for _ in module.buffers(recurse=False)):
+            names.add(type(module).__name__)
+    return names
+
+
 class WeightFileLoader:
     """Mixed into vLLM's worker (`worker_extension_cls`): loads a weight file in place.
 
@@ -313,13 +340,19 @@ class WeightFileLoader:
         # each layer's quant_method.process_weights_after_loading, which on CPU repacks the
         # linear weights. A bare `model.load_weights` finds those parameters emptied by the
         # repacking and fails (vllm/model_executor/layers/utils.py, dispatch_cpu_unquantized_gemm).
-        self.reload_weights(weights_iterator=iter(state.items()))
+        model = self.model_runner.get_model()
+        quiet = _NothingToLoad(_layers_without_own_weights(model))
+        reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        reload_log.addFilter(quiet)
+        try:
+            self.reload_weights(weights_iterator=iter(state.items()))
+        finally:
+            reload_log.removeFilter(quiet)
         # vLLM documents that a reload processes a tied tensor only through one of its layers
         # (vllm/model_executor/model_loader/reload/__init__.py, "Limitations"): a tied lm_head
         # keeps the packed copy of the old embedding that its own process_weights_after_loading
         # made at start-up (a no-op on CUDA, a repack on CPU). Run it again, as the initial load
         # does for every layer (model_loader/utils.py, process_weights_after_loading).
-        model = self.model_runner.get_model()
         with set_current_vllm_config(self.vllm_config):
             for layer in _aliased_layers(model):
                 method = getattr(layer, "quant_method", None)
@@ -409,6 +442,8 @@ class VllmBackend:
         # Keep the engine in this process: when the worker exits (or is killed with its parent)
         # no engine-core process is left behind holding GPU memory.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM logs its whole configuration and every swap at INFO, into the training log.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         spec = WeightSpec.from_pretrained(model_path)
         from vllm import LLM, SamplingParams
 
