@@ -208,9 +208,12 @@ def complete(cfg: dict[str, Any], tune: bool = False) -> dict[str, Any]:
     return merge(defaults(tune), cfg)
 
 
-def check(cfg: dict[str, Any]) -> None:
+def check(cfg: dict[str, Any], *, other_rank: bool = False) -> None:
     """Every problem a config has before any work starts: ranges (lit_sft.checks), cross-section
-    rules a per-field type check cannot see, missing files; all collected, raised once."""
+    rules a per-field type check cannot see, missing files; all collected, raised once.
+
+    `other_rank`: the config of a rank > 0 of a multi-process trial, whose evaluator is rank 0's.
+    """
     from lit_sft.checks import range_problems
 
     problems = range_problems(cfg)
@@ -224,7 +227,8 @@ def check(cfg: dict[str, Any]) -> None:
         if path and not Path(path).is_file():
             problems.append(f"data.{key}: no such file: {path}")
     problems.extend(_section_problems(cfg))
-    problems.extend(objective_problems(cfg))
+    if not other_rank:
+        problems.extend(objective_problems(cfg))
     if problems:
         raise UserError("; ".join(problems))
 

@@ -52,16 +52,19 @@ def _callbacks(cfg: dict[str, Any], history: History) -> list[Callback]:
 
 
 def _poster(cfg: dict[str, Any], evaluator: Any, run_name: str | None, keep_best_weights: bool) -> list[Callback]:
-    """The checkpoint poster, and the stop sync that must follow it when results decide stops."""
+    """The checkpoint poster (with an evaluator), then the stop sync when results decide stops."""
     from callbacks.checkpoint_poster import CheckpointPoster
     from callbacks.late_metrics import StopSync
 
     stop = cfg["early_stopping"]
     figure = evaluator_figure(stop["monitor"])
+    sync = [StopSync()] if figure is not None else []  # every rank has one; only rank 0 a poster
+    if evaluator is None:
+        return sync
     keep = (figure, stop["mode"]) if figure is not None and keep_best_weights else None
     weights_dir = Path(cfg["output_dir"]) / "weights" / (run_name or "run")
     poster = CheckpointPoster(evaluator, run_name or "run", weights_dir, final_wait_s=cfg["evaluator"]["final_wait_s"], keep_best=keep)
-    return [poster, StopSync()] if figure is not None else [poster]
+    return [poster, *sync]
 
 
 def _listen(trainer: Trainer) -> None:
@@ -133,14 +136,17 @@ def train(
     run_name: str | None = None,
     keep_best_weights: bool = False,
     logger_params: dict[str, Any] | None = None,
+    other_rank: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune once with `cfg` (a parsed config, possibly partial) and return its metrics.
 
     `evaluator`: a started EvaluatorClient to reuse (the tuner's, one per study); when None and
     `cfg["evaluator"]["enabled"]`, one is started for this run and stopped at its end.
+    `other_rank`: this process is a rank > 0 of a multi-process trial; rank 0 has the evaluator,
+    and stops that its results decide reach this rank through StopSync.
     """
     cfg = complete(cfg, tune="study" in cfg)
-    check(cfg)  # before the model loads or a W&B run exists
+    check(cfg, other_rank=other_rank)  # before the model loads or a W&B run exists
     cfg = apply_budget(cfg)
     pl.seed_everything(cfg["seed_everything"], workers=True, verbose=False)
     model = SFTModule(**cfg["model"])
@@ -158,8 +164,8 @@ def train(
     try:
         if own_evaluator:
             evaluator = start_evaluator(cfg)
-        posting = _poster(cfg, evaluator, run_name, keep_best_weights) if evaluator is not None else []
-        poster = posting[0] if posting else None
+        posting = _poster(cfg, evaluator, run_name, keep_best_weights)
+        poster = posting[0] if evaluator is not None else None
         logger = make_logger(cfg["wandb"], run_name, params)
         # The poster before the caller's callbacks: a result it collects at the end of a step
         # reaches pruning and early stopping within that same step.

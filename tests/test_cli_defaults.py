@@ -62,3 +62,13 @@ def test_a_wandb_run_starts_without_the_anonymous_warning(tmp_path):
     # The check can fail: Lightning's own way of starting the run prints it.
     lightning = "from lightning.pytorch.loggers import WandbLogger; WandbLogger(project='p', save_dir='.', mode='offline')"
     assert "anonymous setting has no effect" in _start_a_run(lightning, tmp_path)
+
+
+def test_shipped_configs_are_found_from_any_folder(tmp_path, monkeypatch):
+    """tune.py run from elsewhere still finds configs/search_space*.yaml (and rank processes the package)."""
+    from lit_sft.study.config import PROJECT_ROOT, StudyConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert (PROJECT_ROOT / "lit_sft" / "__init__.py").is_file()
+    path = StudyConfig(search_space="configs/search_space_tiny.yaml").search_space_path()
+    assert path == PROJECT_ROOT / "configs" / "search_space_tiny.yaml"

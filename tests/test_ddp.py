@@ -84,3 +84,29 @@ def test_a_ddp_trial_reports_once_and_a_pruned_one_ends_on_every_rank(tiny_model
         assert all(e["status"] == "ok" for e in history["evaluations"])
     assert len(list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))) == 2
     assert not list(results.rglob("ranks.json")) and not list((results / "trials").rglob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_a_stop_decided_by_an_evaluator_result_ends_every_rank(tiny_model_path, tmp_path):
+    """eval/accuracy arrives on rank 0 only, mid-training; StopSync hands its stop to rank 1."""
+    results = tmp_path / "results"
+    results.mkdir()
+    study = optuna.create_study(study_name="ddp-acc", storage=sqlite_url(results), direction="maximize")
+    study.enqueue_trial(SLOW)
+    argv = tune_argv(
+        tiny_model_path, results, "ddp-acc", "--study.n_trials", "1",
+        "--study.metric", "eval/accuracy", "--study.direction", "maximize",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--evaluator.enabled", "true", "--evaluator.num_problems", "4", "--evaluator.max_new_tokens", "4",
+        "--evaluator.batch_size", "4", "--evaluator.final_wait_s", "120",
+        # No grade improves by 100: early stopping ends the trial at its 2nd graded evaluation.
+        "--early_stopping.patience", "1", "--early_stopping.min_delta", "100", max_steps=200,
+    )
+    run = subprocess.run(argv, cwd=tmp_path, env=tune_env(), capture_output=True, text=True, timeout=300, check=False)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-4000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output and _rank_processes() == []
+    (trial,) = optuna.load_study(study_name="ddp-acc", storage=sqlite_url(results)).trials
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["stopped_early"] is True
+    assert trial.user_attrs["global_step"] < 200  # both ranks stopped at the same step, long before the end
+    assert sorted(trial.intermediate_values)[:2] == [16, 32]  # grades reported at their checkpoints

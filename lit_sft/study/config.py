@@ -14,7 +14,7 @@ from typing import Any, Literal
 from lit_sft.errors import UserError
 from lit_sft.storage import url_problem
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -167,7 +167,7 @@ def rank_main(spec_path: str) -> int:
     _die_with_parent(spec["parent"])
     quiet()
     try:
-        train(spec["cfg"], callbacks=[OptunaPruning(None, monitor=spec["monitor"])], run_name=spec["run_name"])
+        train(spec["cfg"], callbacks=[OptunaPruning(None, monitor=spec["monitor"])], run_name=spec["run_name"], other_rank=True)
     finally:
         destroy_process_group()
     return 0
