@@ -101,7 +101,7 @@ class Objective:
                 result = train(
                     cfg, callbacks=[pruning], evaluator=self.evaluator, run_name=run_name,
                     keep_best_weights=self.study_cfg.save_best_model,
-                    logger_params={"study": self.study_cfg.to_dict(), "trial": trial.number, "params": applied,
+                    logger_params={"study": self._study_for_wandb(), "trial": trial.number, "params": applied,
                                    **({"sampled_params": params} if self.space.scaled else {})},
                 )
         except UserError as err:
@@ -134,6 +134,12 @@ class Objective:
         if self.study_cfg.save_best_model and result.get("best_state") is not None:
             self._keep_if_best(trial, value, result)
         return value
+
+    def _study_for_wandb(self) -> dict[str, Any]:
+        """The study section as W&B shows it: the storage URL without its password."""
+        study = self.study_cfg.to_dict()
+        study["storage"] = secrets.mask_url(self.study_cfg.storage_url)
+        return study
 
     def _record(self, trial: optuna.Trial, result: dict[str, Any], pruning: Any) -> None:
         attrs: dict[str, Any] = {
