@@ -35,6 +35,7 @@ Variants of the tpe_asha study, one flag each, all against the same random studi
     --lr-scale sqrt|linear|none   search the learning rate normalised by batch size
                                   (lit_sft/search_space.py `scale`), reference --lr-reference 32
     --sampler gp                  Optuna's GPSampler instead of TPE (study.sampler.kind)
+    --gp-use-pruned               with gp: pruned trials count, valued at their last report
     --n-startup N                 study.sampler.n_startup_trials
     --n-ei-candidates N           TPE's candidates per proposal
     --univariate                  TPE models each parameter on its own (multivariate false)
@@ -285,6 +286,8 @@ def variant_overrides(args: argparse.Namespace) -> list[str]:
         out += ["--study.sampler.n_ei_candidates", str(args.n_ei_candidates)]
     if args.univariate:
         out += ["--study.sampler.multivariate", "false"]
+    if args.gp_use_pruned:
+        out += ["--study.sampler.gp_use_pruned", "true"]
     return out + shlex.split(args.tpe_asha_args or "")
 
 
@@ -540,6 +543,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     variant.add_argument("--n-startup", type=int, default=None, help="study.sampler.n_startup_trials (default: the config's)")
     variant.add_argument("--n-ei-candidates", type=int, default=None, help="study.sampler.n_ei_candidates (TPE)")
     variant.add_argument("--univariate", action="store_true", help="study.sampler.multivariate false (TPE)")
+    variant.add_argument("--gp-use-pruned", action="store_true",
+                         help="study.sampler.gp_use_pruned true (with --sampler gp): pruned trials count, at their last report")
     variant.add_argument("--floor-rounding", action="store_true",
                          help="before issue 12 (bench only): evaluate every floor(eval_every_examples / batch) steps, the old behaviour")
     variant.add_argument("--tpe-asha-args", default="",

@@ -6,7 +6,12 @@ import optuna
 import pytest
 
 from lit_sft.errors import UserError
-from lit_sft.study.build import TrialSeededGPSampler, TrialSeededTPESampler, make_sampler
+from lit_sft.study.build import (
+    TrialSeededGPSampler,
+    TrialSeededTPESampler,
+    _PrunedAsComplete,
+    make_sampler,
+)
 from lit_sft.study.config import StudyConfig
 
 
@@ -53,3 +58,18 @@ def test_gp_learns_nothing_from_pruned_trials_tpe_does():
     random_points = _points("tpe", 5, n_startup_trials=5)
     assert _points("gp", 5, prune=True, n_startup_trials=2) == random_points
     assert _points("tpe", 5, prune=True, n_startup_trials=2)[2:] != random_points[2:]
+
+
+def test_gp_with_pruned_trials_models_them_at_their_last_report():
+    random_points = _points("tpe", 5, n_startup_trials=5)
+    learned = _points("gp", 5, prune=True, n_startup_trials=2, gp_use_pruned=True)
+    assert learned[:2] == random_points[:2] and learned[2:] != random_points[2:]
+
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(params={"x": 1.0}, distributions={"x": optuna.distributions.FloatDistribution(0, 2)},
+                                              state=optuna.trial.TrialState.PRUNED, intermediate_values={1: 3.0, 4: 2.0}))
+    study.add_trial(optuna.trial.create_trial(params={"x": 0.5}, distributions={"x": optuna.distributions.FloatDistribution(0, 2)},
+                                              state=optuna.trial.TrialState.PRUNED, intermediate_values={}))
+    seen = _PrunedAsComplete(study)._get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    assert [(t.params["x"], t.value, t.state.name) for t in seen] == [(1.0, 2.0, "COMPLETE")]  # no report: left out
+    assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]  # the study's own trials are untouched

@@ -3,6 +3,8 @@ examples seen), storage, and the checks a resumed study must pass."""
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import warnings
 from typing import Any
@@ -69,11 +71,19 @@ class TrialSeededGPSampler(optuna.samplers.GPSampler):
     """GPSampler reset from (seed, trial number) at the start of every trial, for the reasons of
     TrialSeededTPESampler. Its start-up points come from a RandomSampler seeded the same way, so
     they are the points TPE's start-up would draw: a GP study and a TPE study of one seed begin
-    alike (bench/search_efficiency.py pairs them with random search that way)."""
+    alike (bench/search_efficiency.py pairs them with random search that way).
 
-    def __init__(self, *, seed: int, **kwargs: Any) -> None:
+    `use_pruned`: Optuna's GPSampler fits on complete trials only, and counts only those towards
+    its start-up; under ASHA, where most trials are pruned, it stays random. With this, a pruned
+    trial counts as complete with the last value it reported (the value the pruner judged it
+    on), a pessimistic stand-in for its final value, as a pruned trial is one that was worse
+    than the others at its rung.
+    """
+
+    def __init__(self, *, seed: int, use_pruned: bool = False, **kwargs: Any) -> None:
         super().__init__(seed=seed, independent_sampler=optuna.samplers.RandomSampler(seed=seed), **kwargs)
         self._base_seed = seed
+        self._use_pruned = use_pruned
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         seed = (self._base_seed + trial.number) % 2**32
@@ -83,6 +93,49 @@ class TrialSeededGPSampler(optuna.samplers.GPSampler):
         except AttributeError:
             self.reseed_rng()
         super().before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return super().infer_relative_search_space(_PrunedAsComplete(study) if self._use_pruned else study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return super().sample_relative(_PrunedAsComplete(study) if self._use_pruned else study, trial, search_space)
+
+
+class _PrunedAsComplete:
+    """A view of a study in which each pruned trial with a finite report is a complete trial
+    valued at its last report. Everything else is the study's."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy, states, use_cache=False)
+
+    def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
+        wanted = None if states is None else set(states)
+        asked = None if wanted is None else wanted | ({TrialState.PRUNED} if TrialState.COMPLETE in wanted else set())
+        out = []
+        for trial in self._study._get_trials(deepcopy=False, states=tuple(asked) if asked else None, use_cache=use_cache):
+            if trial.state == TrialState.PRUNED:
+                last = _last_report(trial)
+                if last is None:
+                    continue
+                trial = copy.copy(trial)  # the storage's object stays as it is
+                trial.state = TrialState.COMPLETE
+                trial.values = [last]
+            if wanted is None or trial.state in wanted:
+                out.append(trial)
+        return out
+
+
+def _last_report(trial: FrozenTrial) -> float | None:
+    if not trial.intermediate_values:
+        return None
+    value = trial.intermediate_values[max(trial.intermediate_values)]
+    return value if math.isfinite(value) else None
 
 
 def make_sampler(study_cfg: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -94,6 +147,7 @@ def make_sampler(study_cfg: StudyConfig) -> optuna.samplers.BaseSampler:
         if s.kind == "gp":
             return TrialSeededGPSampler(
                 seed=study_cfg.seed,
+                use_pruned=s.gp_use_pruned,
                 n_startup_trials=s.n_startup_trials,
                 deterministic_objective=s.deterministic_objective,
                 # every parameter of a fixed space is modelled; a warning per trial would be noise

@@ -37,6 +37,9 @@ class SamplerConfig:
     n_ei_candidates: int = 24
     """tpe: candidates drawn from the model of the good trials per proposal; the one with the best
     ratio of good to bad density is tried (Optuna's default 24)."""
+    gp_use_pruned: bool = False
+    """gp: let pruned trials count, each valued at the last value it reported (the one the pruner
+    judged). Optuna's GPSampler alone ignores them."""
     deterministic_objective: bool = False
     """gp: fit the Gaussian process without observation noise. Training on CPU or GPU is not bit
     for bit repeatable, so false."""
