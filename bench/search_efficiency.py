@@ -475,7 +475,7 @@ def overall(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "per_seed_ratio": ratios,
         "spent_ratio": ratio_of_sums((m["examples_total"] for m in methods["tpe_asha"]), (m["examples_total"] for m in methods["random"])),
         "reached": {m: sum(x["examples_to_target"] is not None for x in methods[m]) for m in METHODS},
-        "seeds": len(summaries),
+        "n_seeds": len(summaries),
         "mean_best_accuracy": {m: mean([x["best_accuracy"] for x in methods[m]]) for m in METHODS},
         "mean_accuracy_of_best": {m: mean([x["accuracy_of_best"] for x in methods[m]]) for m in METHODS},
         "accuracy_of_best_not_worse": sum(t is not None and r is not None and t >= r for t, r in pairs),
@@ -661,14 +661,14 @@ def main(argv: list[str] | None = None) -> int:
         summaries = {seed: summarize_seed({m: truncate(r.trials, k) for m, r in by_method.items()}, args.tolerance)
                      for seed, by_method in runs.items()}
         figures = overall(summaries)
-        results[k] = {"seeds": summaries, **figures}
+        results[k] = {**figures, "per_seed": summaries}
         bound = ">=" if figures["examples_ratio_is_lower_bound"] else ""
         print(f"== at {k} trials (examples to target = examples trained until an eval/loss <= random's best of its first {k} "
               f"x {1 + args.tolerance:g}; '>' = never reached: all it spent, a lower bound)")
         print(overall_table(summaries))
         acc, acc_best = figures["mean_best_accuracy"], figures["mean_accuracy_of_best"]
         print(f"examples ratio {bound}{_cell(figures['examples_ratio'])} (geometric mean of seeds {bound}{_cell(figures['geometric_mean_ratio'])}); "
-              f"target reached in {figures['reached']['tpe_asha']}/{figures['seeds']} seeds (random {figures['reached']['random']}); "
+              f"target reached in {figures['reached']['tpe_asha']}/{figures['n_seeds']} seeds (random {figures['reached']['random']}); "
               f"examples spent tpe_asha / random {_cell(figures['spent_ratio'])}")
         print(f"mean best accuracy tpe_asha {_cell(acc['tpe_asha'])} vs random {_cell(acc['random'])}; the handed-over model "
               f"(best eval/loss) {_cell(acc_best['tpe_asha'])} vs {_cell(acc_best['random'])}, not worse than random's in "
