@@ -294,15 +294,10 @@ def _scale_problems(name: str, with_: str, raw: dict[str, Any]) -> list[str]:
 
 def load_search_space(path: str | Path, cfg: dict[str, Any] | None = None) -> SearchSpace:
     """Read and validate a search space file; with `cfg`, every key must exist in it."""
+    from lit_sft.yamlfile import read_yaml
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise UserError(f"{path}: cannot read search space: {err.strerror or err}") from err
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
+    text, raw = read_yaml(path, "search space")
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{path}: expected a mapping of hyperparameter names to entries, got {type(raw).__name__}")
     lines = _line_numbers(text)

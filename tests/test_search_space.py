@@ -68,8 +68,15 @@ steps: {kind: int, low: 10, hihg: 100, key: trainer.max_steps}
 def test_not_a_mapping_and_missing_file(tmp_path):
     with pytest.raises(UserError, match="expected a mapping"):
         load_search_space(_write(tmp_path, "- learning_rate\n"))
-    with pytest.raises(UserError, match="cannot read search space"):
+    with pytest.raises(UserError, match="search space: no such file: .*nope.yaml"):
         load_search_space(tmp_path / "nope.yaml")
+
+
+def test_broken_yaml_names_file_line_and_column(tmp_path):
+    path = _write(tmp_path, "lr:\n  kind: float\n  low: [1e-5\n  high: 1e-4\n")
+    with pytest.raises(UserError) as err:
+        load_search_space(path)
+    assert str(err.value).startswith(f"{path}: line 3, column 8: not valid YAML")
 
 
 def test_yaml_exponent_without_dot_is_a_number(tmp_path):
