@@ -107,22 +107,11 @@ FLOOR_ROUNDING = """\
 # bench/search_efficiency.py --floor-rounding: the behaviour before issue 12, for the before/after
 # measurement only. Evaluations every floor(eval_every_examples / batch) steps (now ceil), so a
 # batch that does not divide eval_every_examples evaluates early and reaches each rung late.
-import copy, math, runpy, sys
+import functools, math, runpy, sys
 sys.path.insert(0, ROOT)
 import lit_sft.config, lit_sft.study.objective, lit_sft.training
 
-def apply_budget_floor(cfg):
-    budget = cfg.get("budget") or {}
-    if not budget.get("examples") and not budget.get("eval_every_examples"):
-        return cfg
-    out = copy.deepcopy(cfg)
-    batch = int(out["data"]["batch_size"])
-    if budget.get("examples"):
-        out["trainer"]["max_steps"] = max(1, math.ceil(budget["examples"] / batch))
-    if budget.get("eval_every_examples"):
-        out["trainer"]["val_check_interval"] = max(1, int(budget["eval_every_examples"]) // batch)
-    return out
-
+apply_budget_floor = functools.partial(lit_sft.config.apply_budget, round_eval=math.floor)
 for module in (lit_sft.config, lit_sft.study.objective, lit_sft.training):
     module.apply_budget = apply_budget_floor
 sys.argv[0] = TUNE  # tune.py reads its overrides from sys.argv[1:]

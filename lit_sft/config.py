@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,12 @@ class BudgetConfig:
     evaluated every 1,984, which reached a rung at 4,000 only at 5,952)."""
 
 
-def apply_budget(cfg: dict[str, Any]) -> dict[str, Any]:
-    """`cfg` with trainer.max_steps / val_check_interval derived from the example budget, if set."""
+def apply_budget(cfg: dict[str, Any], round_eval: Callable[[float], int] = math.ceil) -> dict[str, Any]:
+    """`cfg` with trainer.max_steps / val_check_interval derived from the example budget, if set.
+
+    `round_eval` rounds eval_every_examples / batch to steps; only bench/search_efficiency.py's
+    before/after measurement passes another (math.floor, the behaviour before).
+    """
     budget = cfg.get("budget") or {}
     if not budget.get("examples") and not budget.get("eval_every_examples"):
         return cfg
@@ -88,7 +93,7 @@ def apply_budget(cfg: dict[str, Any]) -> dict[str, Any]:
     if budget.get("examples"):
         out["trainer"]["max_steps"] = max(1, math.ceil(budget["examples"] / batch))
     if budget.get("eval_every_examples"):
-        out["trainer"]["val_check_interval"] = max(1, math.ceil(int(budget["eval_every_examples"]) / batch))
+        out["trainer"]["val_check_interval"] = max(1, round_eval(int(budget["eval_every_examples"]) / batch))
     return out
 
 
