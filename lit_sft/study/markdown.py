@@ -82,6 +82,12 @@ def _best_row(summary: dict[str, Any]) -> dict[str, Any] | None:
     return _rows(summary).get(summary["best_trial"]) if summary["best_trial"] is not None else None
 
 
+def _graded_best(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The best trial's row if its accuracy is known (the sections that compare accuracies need it)."""
+    best = _best_row(summary)
+    return best if best is not None and best["accuracy_ci"] is not None else None
+
+
 def _param_names(summary: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(name for r in summary["trials"] for name in r["params"]))
 
@@ -178,8 +184,8 @@ def _final_test(summary: dict[str, Any]) -> str:
 
 
 def _tied(summary: dict[str, Any]) -> str:
-    best = _best_row(summary)
-    if best is None or best["accuracy_ci"] is None:
+    best = _graded_best(summary)
+    if best is None:
         return ""
     rows = _rows(summary)
     tied = [rows[n] for n in summary["tied_with_best"]]
@@ -365,8 +371,8 @@ def _format_failures(summary: dict[str, Any], histories: Histories) -> str | Non
 
 
 def _ties(summary: dict[str, Any]) -> str | None:
-    best = _best_row(summary)
-    if best is None or best["accuracy_ci"] is None:
+    best = _graded_best(summary)
+    if best is None:
         return None
     others = [r for r in summary["trials"] if r["tied_with_best"] is not None]
     if not others:
@@ -379,8 +385,8 @@ def _ties(summary: dict[str, Any]) -> str | None:
 
 def _more_accurate_than_best(summary: dict[str, Any]) -> str | None:
     """Trials whose accuracy interval lies wholly above the best's: the objective and accuracy disagree."""
-    best = _best_row(summary)
-    if best is None or best["accuracy_ci"] is None:
+    best = _graded_best(summary)
+    if best is None:
         return None
     above = [r for r in summary["trials"] if r["accuracy_ci"] and r["accuracy_ci"][0] > best["accuracy_ci"][1]]
     if not above:
