@@ -58,13 +58,17 @@ class TrialSeededTPESampler(optuna.samplers.TPESampler):
         self._base_seed = seed
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        seed = (self._base_seed + trial.number) % 2**32
-        try:
-            self._rng.rng.seed(seed)
-            self._random_sampler._rng.rng.seed(seed)
-        except AttributeError:
-            self.reseed_rng()
+        _reseed(self, self._random_sampler, self._base_seed + trial.number)
         super().before_trial(study, trial)
+
+
+def _reseed(sampler: optuna.samplers.BaseSampler, inner: optuna.samplers.BaseSampler, seed: int) -> None:
+    """Seed `sampler` and the random sampler it falls back on (private `_rng`; OS entropy if renamed)."""
+    try:
+        sampler._rng.rng.seed(seed % 2**32)
+        inner._rng.rng.seed(seed % 2**32)
+    except AttributeError:
+        sampler.reseed_rng()
 
 
 class TrialSeededGPSampler(optuna.samplers.GPSampler):
@@ -86,12 +90,7 @@ class TrialSeededGPSampler(optuna.samplers.GPSampler):
         self._use_pruned = use_pruned
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        seed = (self._base_seed + trial.number) % 2**32
-        try:
-            self._rng.rng.seed(seed)
-            self._independent_sampler._rng.rng.seed(seed)
-        except AttributeError:
-            self.reseed_rng()
+        _reseed(self, self._independent_sampler, self._base_seed + trial.number)
         super().before_trial(study, trial)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
