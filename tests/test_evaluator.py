@@ -391,6 +391,10 @@ ORPHAN_SCRIPT = textwrap.dedent(
 )
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["exit", "sigint", "sigkill"])
 def test_worker_never_outlives_its_parent(tiny_model_path: str, tmp_path: Path, how: str) -> None:
     """Normal exit without stop(), Ctrl-C, and a killed parent all leave no evaluator behind."""
@@ -400,6 +404,9 @@ def test_worker_never_outlives_its_parent(tiny_model_path: str, tmp_path: Path, 
     parent = subprocess.Popen(
         [sys.executable, str(script), tiny_model_path, how],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+        # Ctrl-C as in a terminal: a test run started in the background (`cmd &` in a script)
+        # inherits SIGINT ignored, and the parent would never see it.
+        preexec_fn=_sigint_default,
     )
     try:
         line = parent.stdout.readline()
