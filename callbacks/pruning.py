@@ -44,9 +44,15 @@ class OptunaPruning(Callback):
     study, they only take part in the broadcast.
     """
 
-    def __init__(self, trial: optuna.trial.Trial | None, monitor: str = "eval/loss") -> None:
+    def __init__(self, trial: optuna.trial.Trial | None, monitor: str = "eval/loss", *,
+                 protected: bool = False, full_examples: int | None = None) -> None:
         self.trial = trial
         self.monitor = monitor
+        self.protected = protected
+        """Report, and let the pruner record this trial at its rungs, but never stop it (the
+        baseline trial: the user's own configuration, run in full)."""
+        self.full_examples = full_examples
+        """The trial's full length: a report there ends the trial anyway, so it is never a prune."""
         self.reports: list[tuple[int, float]] = []
         """(examples seen, value) of every report, in order."""
         self.pruned_at: int | None = None
@@ -67,7 +73,12 @@ class OptunaPruning(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.late:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if self.trial is not None and trainer.is_global_zero:
+            # The study's budget counts running trials' progress from the storage.
+            self.trial.set_user_attr("examples_seen", int(pl_module.examples_seen))
+        if self.late:
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
@@ -102,7 +113,10 @@ class OptunaPruning(Callback):
             return False
         self.trial.report(value, step)
         self.reports.append((step, value))
-        return self.trial.should_prune()
+        prune = self.trial.should_prune()  # asked even when ignored: it records the rung's value
+        if self.full_examples is not None and step >= self.full_examples:
+            return False
+        return prune and not self.protected
 
     def _stop(self, trainer: Trainer, step: int, value: float) -> None:
         self.pruned_at = step

@@ -77,6 +77,8 @@ RULES: tuple[Rule, ...] = (
     at_least("trainer.log_every_n_steps", 1, nullable=True),
     at_least("budget.examples", 1, nullable=True),
     at_least("budget.eval_every_examples", 1, nullable=True),
+    at_least("budget.total_examples", 1, nullable=True),
+    Rule("budget.eval_at_examples", lambda v: all(_integer(x) and x >= 1 for x in v), "a list of integers >= 1", nullable=True),
     at_least("early_stopping.patience", 1),
     non_negative("early_stopping.min_delta"),
     Rule("early_stopping.mode", lambda v: v in ("min", "max"), "min or max"),

@@ -71,7 +71,16 @@ class BudgetConfig:
     """
 
     examples: int | None = None
-    """Training examples per run: trainer.max_steps = ceil(examples / data.batch_size)."""
+    """Training examples per run (per trial in tune.py): trainer.max_steps = ceil(examples /
+    data.batch_size). In tune.py it is also R, the full length ASHA's rungs divide (R/9, R/3)."""
+    total_examples: int | None = None
+    """tune.py only: the examples the whole study may train on, over all its trials, restarts and
+    workers (finished trials, plus running trials' progress, as the storage has them). A new trial
+    starts while fewer have been trained; running trials finish. Resume continues the same budget;
+    a study whose budget is spent says so and starts nothing. null = no budget (study.n_trials caps)."""
+    eval_at_examples: list[int] | None = None
+    """Also evaluate at the first step at or past each of these example counts (tune.py sets them
+    to its ASHA rungs, so every batch size is judged at the first step at or past each rung)."""
     eval_every_examples: int | None = None
     """Evaluate every this many examples: trainer.val_check_interval = ceil(this / data.batch_size)
     steps, so each evaluation, and each pruning rung (a multiple of it), falls at or just past its
@@ -95,6 +104,13 @@ def apply_budget(cfg: dict[str, Any], round_eval: Callable[[float], int] = math.
     if budget.get("eval_every_examples"):
         out["trainer"]["val_check_interval"] = max(1, round_eval(int(budget["eval_every_examples"]) / batch))
     return out
+
+
+def eval_steps(cfg: dict[str, Any]) -> list[int]:
+    """The optimizer steps of `budget.eval_at_examples`: the first step at or past each count."""
+    at = (cfg.get("budget") or {}).get("eval_at_examples") or []
+    batch = int(cfg["data"]["batch_size"])
+    return sorted({max(1, math.ceil(int(examples) / batch)) for examples in at})
 
 
 PROJECT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -154,6 +170,9 @@ def parse(argv: list[str] | None = None, tune: bool = False) -> dict[str, Any]:
     cfg = namespace.as_dict()
     cfg.pop("config", None)
     cfg.pop("__default_config__", None)  # jsonargparse's note of the default config file it read
+    if not tune and (cfg.get("budget") or {}).get("total_examples"):
+        raise UserError("budget.total_examples: a study's budget (tune.py); train.py runs one configuration "
+                        "for budget.examples")
     check(cfg)
     return cfg
 

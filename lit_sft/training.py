@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 from callbacks.history import History
 from lit_sft.available import has_module
-from lit_sft.config import apply_budget, check, complete
+from lit_sft.config import apply_budget, check, complete, eval_steps
 from lit_sft.data import SFTDataModule
 from lit_sft.evaluator.launch import start_evaluator
 from lit_sft.metrics import EVALUATOR_FIGURES, evaluator_figure
@@ -41,6 +41,11 @@ def _callbacks(cfg: dict[str, Any], history: History) -> list[Callback]:
         from callbacks.progress import StepProgressBar
 
         out.append(StepProgressBar(leave=False))
+    steps = eval_steps(cfg)
+    if steps:
+        from callbacks.eval_schedule import EvaluateAtSteps
+
+        out.append(EvaluateAtSteps(steps))
     stop = cfg["early_stopping"]
     if stop["enabled"] and evaluator_figure(stop["monitor"]) is not None:
         from callbacks.late_metrics import ResultEarlyStopping

@@ -17,18 +17,26 @@ from lit_sft import storage as storage_mod
 from lit_sft.errors import UserError
 from lit_sft.pruner import TolerantSuccessiveHalvingPruner
 from lit_sft.search_space import SearchSpace
+from lit_sft.study import budget as budget_mod
 from lit_sft.study.config import StudyConfig
 
 
-def default_min_resource(cfg: dict[str, Any], space: SearchSpace) -> int:
-    """Examples the largest-batch trial has seen at its first evaluation.
+def default_min_resource(cfg: dict[str, Any], space: SearchSpace, reduction_factor: int = 3) -> int:
+    """The first rung when `study.pruner.min_resource` is null.
 
-    Reports are made at every evaluation, i.e. every `val_check_interval * batch_size`
-    examples, so a smaller first rung would be judged on different amounts of data: the
-    small-batch trials at their first evaluation, the large-batch ones well past it. With an
-    example budget every trial evaluates every `budget.eval_every_examples`: that is the rung.
+    With an example budget R per trial (`budget.examples`): R / reduction_factor^2, so the rungs
+    are R/9, R/3 and R at a factor of 3, and a configuration costs about a quarter of a full
+    trial on average. Every trial is evaluated at the first step at or past each rung
+    (Objective.trial_config), whatever its batch size.
+
+    Without one: the examples the largest-batch trial has seen at its first evaluation. Reports
+    are made at every evaluation, i.e. every `val_check_interval * batch_size` examples, so a
+    smaller first rung would be judged on different amounts of data.
     """
-    every = (cfg.get("budget") or {}).get("eval_every_examples")
+    budget = cfg.get("budget") or {}
+    if budget.get("examples"):
+        return budget_mod.first_rung(int(budget["examples"]), reduction_factor)
+    every = budget.get("eval_every_examples")
     if every:
         return int(every)
     interval = cfg["trainer"].get("val_check_interval")
@@ -166,7 +174,7 @@ def make_pruner(study_cfg: StudyConfig, cfg: dict[str, Any], space: SearchSpace)
     if not p.enabled:
         return optuna.pruners.NopPruner()
     return TolerantSuccessiveHalvingPruner(
-        min_resource=p.min_resource or default_min_resource(cfg, space),
+        min_resource=p.min_resource or default_min_resource(cfg, space, p.reduction_factor),
         reduction_factor=p.reduction_factor,
         min_early_stopping_rate=p.min_early_stopping_rate,
         tolerance=p.tolerance,
@@ -184,11 +192,23 @@ def open_study(study_cfg: StudyConfig, cfg: dict[str, Any], space: SearchSpace, 
             f"{study.direction.name.lower()}, not {study_cfg.direction}; use another study.name"
         )
     _check_same_space(study, space)
+    if study_cfg.baseline_trial and not study.get_trials(deepcopy=False):
+        enqueue_baseline(study, space, cfg)
     if study.metric_names != [study_cfg.metric]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([study_cfg.metric])  # optuna-dashboard's axis label, not "Objective 0"
     return study
+
+
+def enqueue_baseline(study: optuna.Study, space: SearchSpace, cfg: dict[str, Any]) -> None:
+    """The config's own hyperparameters as the study's first trial (called under the study lock,
+    on a study without trials, so one worker of several enqueues it)."""
+    params, moved = budget_mod.baseline_params(space, cfg)
+    attrs: dict[str, Any] = {budget_mod.BASELINE_ATTR: True}
+    if moved:
+        attrs[budget_mod.MOVED_ATTR] = moved
+    study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
 
 
 def _check_same_space(study: optuna.Study, space: SearchSpace) -> None:

@@ -69,10 +69,11 @@ class PrunerConfig:
 class StudyConfig:
     """One Optuna study: TPE proposes, ASHA prunes, every trial is one `train(cfg)`."""
 
-    n_trials: int = 20
-    """Trials in the study in total, over restarts and parallel workers (not per process): every
-    complete, pruned, failed or running trial counts, except a failure that was retried (its
-    retry counts instead). Rerun with a larger n_trials to extend a finished study."""
+    n_trials: int | None = 20
+    """A cap on the trials in the study in total, over restarts and parallel workers (not per
+    process): every complete, pruned, failed or running trial counts, except a failure that was
+    retried (its retry counts instead). null = no cap: budget.total_examples (or timeout_s) ends
+    the study. Rerun with a larger cap or budget to extend a finished study."""
     name: str = "lit-sft"
     """Study name in the storage; also the W&B group and the key of per-trial files."""
     storage: str | None = None
@@ -91,7 +92,15 @@ class StudyConfig:
     search_space: str = "configs/search_space.yaml"
     """YAML mapping each hyperparameter to its range and the dotted config key it sets."""
     timeout_s: float | None = None
-    """Stop starting new trials after this many seconds (this process); null = no limit."""
+    """Stop starting new trials after this many seconds of this process (running trials finish).
+    It counts per process, from its start: a resumed study gets the full time again, and each of
+    several workers stops on its own clock. For a limit on the whole study use
+    budget.total_examples. null = no limit."""
+    baseline_trial: bool = True
+    """Enqueue the config's own hyperparameters (the values at the search space's keys) as the
+    study's first trial, run in full (never pruned), so the report can say how much better the
+    best trial is than what you had. A value outside the space takes the nearest value in it
+    (the nearest choice, or the range clipped), and the report says so."""
     heartbeat_interval_s: int | None = 60
     """RDB storages (sqlite, postgresql): a running trial's heartbeat; a trial silent for 3
     intervals (its worker died, on any machine) is marked FAIL and retried when a worker next
@@ -133,8 +142,8 @@ class StudyConfig:
 
     def validate(self) -> None:
         problems = []
-        if not isinstance(self.n_trials, int) or self.n_trials < 1:
-            problems.append(f"study.n_trials must be >= 1, got {self.n_trials!r}")
+        if self.n_trials is not None and (not isinstance(self.n_trials, int) or self.n_trials < 1):
+            problems.append(f"study.n_trials must be >= 1 or null, got {self.n_trials!r}")
         if not self.name or "/" in self.name:
             problems.append(f"study.name must be a non-empty name without '/', got {self.name!r}")
         if self.direction not in ("minimize", "maximize"):

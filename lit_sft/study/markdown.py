@@ -14,7 +14,9 @@ from typing import Any
 
 from lit_sft.stats import intervals_overlap
 from lit_sft.study.importance import describe, format_numbers
-from lit_sft.study.report import (
+from lit_sft.study.results import (
+    baseline_verdict,
+    budget_line,
     REPORT_FILE,
     format_accuracy,
     format_value,
@@ -49,7 +51,7 @@ def write_markdown(summary: dict[str, Any], histories: Histories, results_dir: s
 
 def render(summary: dict[str, Any], histories: Histories) -> str:
     sections = [
-        _header(summary), _best(summary), _final_test(summary), _tied(summary), _savings(summary),
+        _header(summary), _best(summary), _baseline(summary), _final_test(summary), _tied(summary), _savings(summary),
         _importance(summary), _per_batch_size(summary), _observations(summary, histories), _plots(summary),
         _all_trials(summary),
     ]
@@ -117,9 +119,12 @@ def _header(summary: dict[str, Any]) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in summary["counts"].items()) or "none yet"
     total = sum(summary["counts"].values())
     goal = "lowest" if summary["direction"] == "minimize" else "highest"
+    cap = f"{total} of {summary['n_trials']} trials" if summary.get("n_trials") else f"{total} trials"
+    budget = summary.get("budget")
+    spent = f" Compute: {budget_line(budget)}." if budget else ""
     return (
         f"# Study `{summary['study']}`\n\n"
-        f"{total} of {summary['n_trials']} trials: {counts}. Objective: the {goal} `{summary['metric']}` "
+        f"{cap}: {counts}.{spent} Objective: the {goal} `{summary['metric']}` "
         "(a trial's value is its best evaluation). Accuracies are validation accuracies with their 95% "
         "Wilson interval [low, high] over the n problems graded." + _normalised(summary)
     )
@@ -164,6 +169,37 @@ def _best(summary: dict[str, Any]) -> str:
         name = Path(summary["best_model"]).name
         rows.append(["saved model", f"[`{name}/`]({name})"])
     return f"## Best trial: #{best['number']}\n\n" + _table(["", ""], rows)
+
+
+def _baseline(summary: dict[str, Any]) -> str | None:
+    """The config's own hyperparameters (trial 0, run in full) against the best trial."""
+    base = summary.get("baseline")
+    if not base:
+        return None
+    best = _best_row(summary)
+    metric = summary["metric"]
+    header = ["", f"baseline: trial {base['trial']} (your config)"]
+    rows = [[name, format_value(value)] for name, value in base["params"].items()]
+    rows.append([f"`{metric}`", format_value(base["value"]) + ("" if base["state"] == "COMPLETE" else f" ({base['state'].lower()})")])
+    if base["accuracy"] is not None:
+        rows.append(["validation accuracy", format_accuracy(base["accuracy"], base["accuracy_ci"], base["accuracy_n"])])
+    text = "## Against your config\n\nTrial 0 runs the config's own hyperparameters in full (`study.baseline_trial`). "
+    if base.get("best_is_baseline"):
+        return text + "No trial beat it: your config is the best found.\n\n" + _table(header, rows)
+    if best is not None:
+        header.append(f"best: trial {best['number']}")
+        values = {name: format_value(value) for name, value in best["params"].items()}
+        for row in rows[: len(base["params"])]:
+            row.append(values.get(row[0], "-"))
+        rows[len(base["params"])].append(format_value(best["value"]))
+        if base["accuracy"] is not None:
+            rows[-1].append(format_accuracy(best["accuracy"], best["accuracy_ci"], best["accuracy_n"]) if best["accuracy"] is not None else "-")
+        text += baseline_verdict(base, metric)
+    moved = base.get("moved_into_space") or {}
+    if moved:
+        text += (" Outside the search space, so moved to the nearest value in it: "
+                 + ", ".join(f"`{k}` {format_value(a)} -> {format_value(b)}" for k, (a, b) in moved.items()) + ".")
+    return text + "\n\n" + _table(header, [r + ["-"] * (len(header) - len(r)) for r in rows])
 
 
 def _final_test(summary: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ from lit_sft.devices import trial_world_size
 from lit_sft.errors import UserError
 from lit_sft.pruner import TolerantSuccessiveHalvingPruner
 from lit_sft.search_space import SearchSpace
+from lit_sft.study import budget as budget_mod
 from lit_sft.study import report
 from lit_sft.study.config import StudyConfig
 from lit_sft.study.progress import progress_start
@@ -46,31 +47,36 @@ def _one_line(err: BaseException) -> str:
 
 
 def _rungs(pruner: Any, budget: int) -> list[int]:
-    """Examples seen at each ASHA rung a trial of `budget` examples can reach."""
+    """Examples seen at each ASHA rung that can stop a trial of `budget` examples."""
     if not isinstance(pruner, TolerantSuccessiveHalvingPruner):
         return []
-    rungs, k = [], pruner.min_early_stopping_rate
-    while (at := pruner.min_resource * pruner.reduction_factor**k) <= budget:
-        rungs.append(int(at))
-        k += 1
-    return rungs
+    return budget_mod.rungs(pruner.min_resource, pruner.reduction_factor, pruner.min_early_stopping_rate, budget)
 
 
 class Objective:
     """Runs one trial: sample, configure, train, record, and keep the best model."""
 
-    def __init__(self, cfg: dict[str, Any], study_cfg: StudyConfig, space: SearchSpace, evaluator: Any = None) -> None:
+    def __init__(self, cfg: dict[str, Any], study_cfg: StudyConfig, space: SearchSpace, evaluator: Any = None,
+                 pruner: Any = None) -> None:
         self.cfg = cfg
+        self.pruner = pruner
+        """The study's pruner: its rungs become evaluation points of every trial."""
         self.study_cfg = study_cfg
         self.space = space
         self.evaluator = evaluator
         self.results_dir = study_cfg.results_path
         self.slots: dict[int, int] = {}
         """Trial number -> its place k in the study's count (`[k/n]`), set when it is created."""
+        self.start_notes: dict[int, str] = {}
+        """Trial number -> what its start line adds (the budget spent when it started)."""
 
     def trial_config(self, params: dict[str, Any], number: int) -> dict[str, Any]:
         """The run config of one trial: the sampled values at their keys, outputs keyed by trial."""
-        cfg = apply_budget(self.space.apply(self.cfg, params))  # what runs: W&B logs this config
+        cfg = self.space.apply(self.cfg, params)
+        full = budget_mod.full_examples(apply_budget(cfg))
+        if full is not None and _rungs(self.pruner, full):
+            cfg["budget"]["eval_at_examples"] = _rungs(self.pruner, full)
+        cfg = apply_budget(cfg)  # what runs: W&B logs this config
         cfg.pop("study", None)
         cfg["output_dir"] = str(report.trial_dir(self.results_dir, self.study_cfg.name, number))
         # The trial's value, early stopping and pruning all follow the study's objective.
@@ -92,9 +98,10 @@ class Objective:
             trial.set_user_attr("applied_params", applied)
             trial.set_user_attr("param_scales", self.space.scales())
         cfg = self.trial_config(params, trial.number)
-        pruning = OptunaPruning(trial, monitor=self.study_cfg.metric)
+        pruning = OptunaPruning(trial, monitor=self.study_cfg.metric, protected=budget_mod.is_baseline(trial),
+                                full_examples=budget_mod.full_examples(cfg))
         run_name = f"trial-{trial.number:04d}"
-        progress_start(trial, applied, self.study_cfg.n_trials, self.slots.get(trial.number))
+        progress_start(trial, applied, self.study_cfg.n_trials, self.slots.get(trial.number), note=self.start_notes.pop(trial.number, ""))
         ranks = Ranks(cfg, Path(cfg["output_dir"]), run_name, self.study_cfg.metric)
         try:
             with ranks:

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from lit_sft.stats import accuracy_interval
 from lit_sft.study.importance import describe, format_numbers
-from lit_sft.study.report import (
+from lit_sft.study.results import (
     CATEGORIES,
     format_accuracy,
     load_histories,

@@ -1,5 +1,6 @@
-"""The study loop: `tune(cfg)` opens (or resumes, or joins) the study, runs trials until it has
-`n_trials`, and writes the report from the storage."""
+"""The study loop: `tune(cfg)` opens (or resumes, or joins) the study, runs trials until its
+budget of examples is spent (or it has `n_trials`, or time is up), and writes the report from
+the storage."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from lit_sft.config import check, complete
 from lit_sft.errors import UserError
 from lit_sft.evaluator.launch import start_evaluator
 from lit_sft.search_space import SearchSpace, load_search_space
+from lit_sft.study import budget as budget_mod
 from lit_sft.study import report
 from lit_sft.study.build import open_study, prepare_results_dir
 from lit_sft.study.config import StudyConfig
@@ -64,6 +66,9 @@ def tune(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = complete(cfg, tune=True)
     check(cfg)
     study_cfg = StudyConfig.from_dict(cfg["study"])
+    if study_cfg.n_trials is None and not cfg["budget"].get("total_examples") and not study_cfg.timeout_s:
+        raise UserError("study.n_trials: null (no cap) needs budget.total_examples or study.timeout_s, "
+                        "or the study would never end")
     secrets.register_url(study_cfg.storage_url)
     secrets.register_environment()
     secrets.scrub_argv()
@@ -89,36 +94,50 @@ def _run(cfg: dict[str, Any], study_cfg: StudyConfig, space: SearchSpace) -> dic
             print(note, flush=True)
         trials = study.get_trials(deepcopy=False)
     remove_leftovers(study, study_cfg.results_path)
+    total = cfg["budget"].get("total_examples")
     done = len(storage_mod.counted(trials))
     running = sum(t.state == TrialState.RUNNING for t in trials)
     queued = sum(t.state == TrialState.WAITING for t in trials)
-    remaining = study_cfg.n_trials - done
-    todo = f"running up to {remaining} more" if remaining > 0 else "nothing left to run"
+    used = budget_mod.spent(trials, total)
+    stop = _stop_reason(study_cfg, done, used)
+    todo = f"nothing left to run ({stop})" if stop else (
+        f"running up to {study_cfg.n_trials - done} more" if study_cfg.n_trials else "running trials while the budget lasts")
     extra = "".join([f", {running} running elsewhere" if running else "", f", {queued} queued" if queued else ""])
-    print(f"study {study_cfg.name} ({secrets.mask_url(url)}): {done} of {study_cfg.n_trials} trials so far{extra}, {todo}", flush=True)
+    count = f"{done} of {study_cfg.n_trials} trials" if study_cfg.n_trials else f"{done} trials"
+    print(f"study {study_cfg.name} ({secrets.mask_url(url)}): {count} so far, {used.describe()}{extra}, {todo}", flush=True)
     evaluator = None
     start = time.perf_counter()
     try:
-        if remaining > 0:
+        if not stop:
             evaluator = start_evaluator(cfg)
-            objective = Objective(cfg, study_cfg, space, evaluator)
-            _optimize(study, storage, lock, objective, [Progress(study_cfg, objective.slots), free_memory])
+            objective = Objective(cfg, study_cfg, space, evaluator, pruner=study.pruner)
+            _optimize(study, storage, lock, objective, [Progress(study_cfg, objective.slots, total), free_memory])
     except KeyboardInterrupt:
         print("interrupted: writing the report of the trials so far", flush=True)
-        _report(study, study_cfg)
+        _report(study, study_cfg, cfg["budget"].get("total_examples"))
         raise
     finally:
         if evaluator is not None:
             evaluator.stop()
     # After the study's evaluator is gone: the test evaluator loads a model of its own.
     run_final_test(study, cfg, study_cfg)
-    summary = _report(study, study_cfg)
+    summary = _report(study, study_cfg, cfg["budget"].get("total_examples"))
     summary["seconds"] = round(time.perf_counter() - start, 1)
     return summary
 
 
+def _stop_reason(study_cfg: StudyConfig, done: int, used: budget_mod.Spent) -> str | None:
+    """Why no new trial may start (None: one may)."""
+    if used.exhausted:
+        return f"budget.total_examples spent: {used.examples:,} of {used.total:,} examples trained"
+    if study_cfg.n_trials is not None and done >= study_cfg.n_trials:
+        return f"study.n_trials reached: {done} of {study_cfg.n_trials}"
+    return None
+
+
 def _next_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, lock: AbstractContextManager, objective: Objective) -> optuna.Trial | None:
-    """Under the study lock: recover dead workers' trials, then the next trial if the study is short.
+    """Under the study lock: recover dead workers' trials, then the next trial if the study has
+    budget (examples) and room (n_trials) left.
 
     Counting and creating under one lock is what keeps workers that finish together from both
     starting the study's last trial (Optuna's MaxTrialsCallback counts, then asks, unlocked).
@@ -127,8 +146,12 @@ def _next_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, lock:
     with lock:
         for note in storage_mod.recover(study, storage, study_cfg.max_retries):
             print(note, flush=True)
-        used = storage_mod.counted(study.get_trials(deepcopy=False))
-        if len(used) >= study_cfg.n_trials:
+        trials = study.get_trials(deepcopy=False)
+        used = storage_mod.counted(trials)
+        spent = budget_mod.spent(trials, objective.cfg["budget"].get("total_examples"))
+        stop = _stop_reason(study_cfg, len(used), spent)
+        if stop:
+            print(f"study {study_cfg.name}: no new trial, {stop}", flush=True)
             return None
         with warnings.catch_warnings():
             # Optuna expects heartbeats from Study.optimize only; _run_trial beats this trial itself.
@@ -136,6 +159,8 @@ def _next_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, lock:
             trial = study.ask()  # a queued trial (a retry, an enqueued point) first, else a new one
         trial.set_user_attr(storage_mod.WORKER_ATTR, storage_mod.this_worker())
     objective.slots[trial.number] = len(used) + 1
+    if spent.total is not None:
+        objective.start_notes[trial.number] = f"budget: {spent.describe()}"
     return trial
 
 
@@ -161,7 +186,8 @@ def _run_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial:
 
 
 def _optimize(study: optuna.Study, storage: optuna.storages.BaseStorage, lock: AbstractContextManager, objective: Objective, callbacks: list) -> None:
-    """Run trials until the study has `n_trials` (counting every worker's) or time is up."""
+    """Run trials until the study's budget is spent or it has `n_trials` (counting every
+    worker's), or this process's time is up."""
     timeout = objective.study_cfg.timeout_s
     deadline = time.monotonic() + timeout if timeout else None
     while deadline is None or time.monotonic() < deadline:
@@ -173,13 +199,14 @@ def _optimize(study: optuna.Study, storage: optuna.storages.BaseStorage, lock: A
             callback(study, frozen)
 
 
-def _report(study: optuna.Study, study_cfg: StudyConfig) -> dict[str, Any]:
+def _report(study: optuna.Study, study_cfg: StudyConfig, total_examples: int | None = None) -> dict[str, Any]:
     """The report from the storage; workers finishing together on one machine take turns."""
     results_dir = study_cfg.results_path
     with storage_mod.FileLock(results_dir / ".report.lock"):
         remove_leftovers(study, results_dir)
         summary = report.write_report(
             study, metric=study_cfg.metric, n_trials=study_cfg.n_trials, results_dir=results_dir, plots=study_cfg.plots,
+            total_examples=total_examples,
         )
         trials = study.get_trials(deepcopy=False)
         summary["counted"] = len(storage_mod.counted(trials))
