@@ -2,6 +2,7 @@
 
     python bench/curves.py record [--configs 240]     # hours; stop it any time, rerun to continue
     python bench/curves.py replay [--seeds 100]       # minutes; trains nothing
+    python bench/curves.py check [--seeds 3]          # real studies of the same task, against the replay
 
 `record` trains configurations drawn at random from the embedded search space
 (configs/search_space_tiny.yaml), each to its full budget with no pruning and no early stopping,
@@ -12,10 +13,11 @@ it, and a stopped recording continues at the first index the table lacks; the ta
 (atomically) after every configuration, so a kill loses at most the one in progress.
 
 The task is the shrunk one of bench/search_efficiency.py, scaled for rungs at R/9, R/3 and R:
-R = 4,608 examples per configuration (9 x 512), evaluated every 256 examples (every batch size of
-the space, 8..64, divides 256, so each evaluation falls exactly on its example count). The full
-embedded budget (20,000 examples, about a minute a configuration here) would take over 3 hours
-for 200; this one takes about 20 s.
+R = 4,608 examples per configuration (9 x 512), evaluated every 512 examples (every batch size of
+the space, 8..64, divides 512, so each evaluation, and each rung, falls exactly on its example
+count), 200 validation problems graded at each. The full embedded budget (20,000 examples, about
+a minute a configuration on a quiet machine) would take over 3 hours for 200; this one takes
+about 20 s.
 
 `replay` (bench/replay.py does the work) runs Optuna's real samplers, the tuner's real
 pruner and its early-stopping rule against the table: a proposed point trains nothing and takes
@@ -46,7 +48,7 @@ if str(ROOT) not in sys.path:
 TABLE = ROOT / "bench" / "curves_embedded.json"
 CONFIG = ROOT / "configs" / "tune.yaml"
 EXAMPLES = 4608
-EVAL_EVERY = 256
+EVAL_EVERY = 512
 SEED_BASE = 7_000_000
 """Configuration i is drawn with random.Random(SEED_BASE + i)."""
 
@@ -190,6 +192,80 @@ def _torch() -> str:
     return torch.__version__
 
 
+# ---- check: real studies against the replay --------------------------------------------------------
+
+REAL_METHODS = {
+    "random": ["--study.sampler.n_startup_trials", "100000", "--study.pruner.enabled", "false", "--study.baseline_trial", "false"],
+    "random_asha": ["--study.sampler.n_startup_trials", "100000", "--study.baseline_trial", "false"],
+    "tpe": ["--study.pruner.enabled", "false", "--study.baseline_trial", "false"],
+    "tpe_asha": ["--study.baseline_trial", "false"],
+    "tpe_asha_baseline": [],
+}
+"""The replay's methods that tune.py itself can run (configs/tune.yaml plus these overrides)."""
+
+
+def real_trace(storage_url: str, name: str) -> Any:
+    """A finished real study as the replay sees one: its complete trials' evaluations, in the
+    order the examples were spent (one worker: trial order)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from bench.replay import StudyTrace
+    from lit_sft.study.budget import trial_examples
+
+    trials = sorted(optuna.load_study(study_name=name, storage=storage_url).trials, key=lambda t: t.number)
+    events, spent = [], 0
+    for trial in trials:
+        if trial.state == TrialState.COMPLETE:
+            events.extend((spent + int(x), float(v), None) for x, v in sorted(trial.intermediate_values.items()))
+        spent += trial_examples(trial)
+    events.sort(key=lambda e: e[0])
+    return StudyTrace(events, spent, len(trials), sum(t.state == TrialState.PRUNED for t in trials))
+
+
+def check(args: argparse.Namespace) -> None:
+    """Real tune.py studies of the shrunk task at the replay's budget, 3 seeds per method, then the
+    same figures as the replay, and the replay's ranking beside them. Studies are kept under
+    --out and resumed by a rerun (a finished one is only read)."""
+    from bench.replay import baseline_params, format_rows, replay_all, summarise
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table_raw = load_table(Path(args.table))
+    full = int(table_raw["meta"]["examples"])
+    budget = int(args.budget_trials * full)
+    traces: dict[str, dict[int, Any]] = {m: {} for m in args.methods}
+    for method in args.methods:
+        for k in range(args.seeds):
+            seed = 10_000 + k
+            name = f"{method}-{seed}"
+            argv = [sys.executable, str(ROOT / "tune.py"), "--config", str(CONFIG),
+                    "--budget.examples", str(full), "--budget.eval_every_examples", str(args.eval_every),
+                    "--budget.total_examples", str(budget), "--study.n_trials", "null", "--study.seed", str(seed),
+                    "--study.name", name, "--study.results_dir", str(out / name), "--study.plots", "false",
+                    "--study.save_best_model", "false", "--wandb.enabled", "false", "--trainer.enable_progress_bar", "false",
+                    *REAL_METHODS[method]]
+            start = time.perf_counter()
+            with open(out / f"{name}.log", "a") as log:
+                code = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "WANDB_MODE": "offline"}).returncode
+            if code != 0:
+                raise SystemExit(f"error: {name} exited {code}; see {out / (name + '.log')}")
+            traces[method][seed] = real_trace(f"sqlite:///{(out / name / 'optuna.db').resolve()}", name)
+            print(f"{name}: {traces[method][seed].trials} trials, {traces[method][seed].pruned} pruned, "
+                  f"best eval/loss at B {traces[method][seed].best_at(budget)[0]:.4g} ({time.perf_counter() - start:.0f} s)", flush=True)
+    real_rows, real_target = summarise(traces, budget)
+    print(f"real studies ({args.seeds} seeds each), target {real_target:.4g}:")
+    print(format_rows(real_rows, budget))
+    replayed = replay_all(table_raw, list(args.methods), args.replay_seeds, eval_every=args.eval_every, budget=budget,
+                          patience=3, min_delta=0.001, baseline=baseline_params(), workers=2)
+    rows, target = summarise(replayed, budget)
+    print(f"replay ({args.replay_seeds} seeds each), target {target:.4g}:")
+    print(format_rows(rows, budget))
+    rank = lambda rs: [r["method"] for r in sorted(rs, key=lambda r: r["loss@1B"][0])]  # noqa: E731
+    print(f"ranking by median best eval/loss at B, real:   {' < '.join(rank(real_rows))}")
+    print(f"ranking by median best eval/loss at B, replay: {' < '.join(rank(rows))}")
+
+
 # ---- CLI --------------------------------------------------------------------------------------
 
 
@@ -206,12 +282,17 @@ def main(argv: list[str] | None = None) -> None:
 
     replay_mod.add_arguments(rep)
     rep.add_argument("--table", default=str(TABLE))
+    chk = sub.add_parser("check", help="real tune.py studies at the replay's budget, against the replay")
+    chk.add_argument("--methods", nargs="+", default=["random", "tpe_asha_baseline"], choices=sorted(REAL_METHODS))
+    chk.add_argument("--seeds", type=int, default=3)
+    chk.add_argument("--replay-seeds", type=int, default=100)
+    chk.add_argument("--budget-trials", type=float, default=replay_mod.FULL_TRIALS)
+    chk.add_argument("--eval-every", type=int, default=EVAL_EVERY)
+    chk.add_argument("--out", default=str(ROOT / "bench_out" / "curves_check"))
+    chk.add_argument("--table", default=str(TABLE))
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
-    if args.command == "record":
-        record(args)
-    else:
-        replay_mod.main(args)
+    {"record": record, "replay": replay_mod.main, "check": check}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_without_config_the_shipped_default_runs(tune):
 
 
 @pytest.mark.parametrize("main, argv, shows", [
-    (tune_cli.main, ["--help"], ["Trials in the study in total", "Trials sampled at random before TPE",
+    (tune_cli.main, ["--help"], ["tune.py only: the examples the whole study", "Stop starting new trials after this", "Trials sampled at random before TPE",
                                  "Evaluate every this many examples"]),
     (train_cli.main, ["fit", "--help"], ["default: 0.002", "Peak AdamW learning rate", "Evaluations without an improvement"]),
 ], ids=["tune", "train"])
@@ -44,9 +44,11 @@ def test_help_shows_what_runs_and_what_each_key_means(capsys, main, argv, shows)
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for text in shows:
         assert text in out, text
-    if main is tune_cli.main:  # configs/tune.yaml's 12 trials, not the code default of 20
-        n_trials = out.split("--study.n_trials N_TRIALS", 2)[-1][:400]
-        assert "default: 12)" in n_trials and "default: 20)" not in n_trials
+    if main is tune_cli.main:  # configs/tune.yaml's budget and no cap, not the code default of 20 trials
+        n_trials = out.split("--study.n_trials N_TRIALS", 2)[-1][:600]
+        assert "default: null)" in n_trials and "default: 20)" not in n_trials
+        total = out.split("--budget.total_examples TOTAL_EXAMPLES", 2)[-1][:700]
+        assert "default: 92160)" in total
 
 
 def _start_a_run(code: str, tmp_path) -> str:

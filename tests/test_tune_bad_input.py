@@ -101,7 +101,7 @@ def test_a_bad_search_space_writes_nothing(tiny_model_path, tmp_path, capsys, ex
     "extra, needle",
     [
         (["--model.learning_rat", "1e-3"], "learning_rat"),
-        (["--study.n_trials", "-3"], "study.n_trials must be >= 1, got -3"),
+        (["--study.n_trials", "-3"], "study.n_trials must be >= 1 or null, got -3"),
         (["--study.max_retries", "-1"], "study.max_retries must be >= 0"),
         (["--study.storage", "redis://localhost/0"], "study.storage: unsupported URL"),
         (["--study.storage", "sqlite:///:memory:"], "in-memory SQLite study ends with its process"),
