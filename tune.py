@@ -15,7 +15,12 @@ def main(argv: list[str]) -> int:
     from lit_sft.config import parse
     from lit_sft.study.run import tune
 
-    tune(parse(argv, tune=True))  # no --config: configs/tune.yaml (lit_sft.config.DEFAULT_CONFIGS)
+    summary = tune(parse(argv, tune=True))  # no --config: configs/tune.yaml (lit_sft.config.DEFAULT_CONFIGS)
+    if not summary["counts"].get("complete"):
+        # A study with no complete trial has no result: a script or CI step must not read it as one.
+        counts = ", ".join(f"{v} {k}" for k, v in summary["counts"].items()) or "no trials"
+        print(f"error: study {summary['study']} has no complete trial ({counts}); see {summary.get('report_file')}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -280,12 +280,27 @@ def _section_problems(cfg: dict[str, Any]) -> list[str]:
 
 
 def objective_problems(cfg: dict[str, Any]) -> list[str]:
-    """An evaluator metric as the objective needs the evaluator that returns it."""
-    from lit_sft.metrics import is_late
+    """A metric to watch must be one this configuration logs (a misspelling would otherwise
+    train a whole run before Lightning's EarlyStopping complains), and an evaluator metric needs
+    the evaluator that returns it."""
+    from lit_sft.metrics import EVALUATOR_FIGURES, VALIDATION_METRICS, is_late
 
     watched = [("early_stopping.monitor", (cfg.get("early_stopping") or {}).get("monitor"))]
     if cfg.get("study"):
         watched.append(("study.metric", cfg["study"].get("metric")))
     enabled = (cfg.get("evaluator") or {}).get("enabled", True)
-    return [f"{key}: {metric} comes from the evaluator; set evaluator.enabled: true (or use eval/loss)"
-            for key, metric in watched if metric and is_late(metric) and not enabled]
+    logged = [*VALIDATION_METRICS, *(f"eval/{figure}" for figure in EVALUATOR_FIGURES)]
+    problems = []
+    for key, metric in watched:
+        if not metric:
+            continue
+        if metric not in logged:
+            import difflib
+
+            close = difflib.get_close_matches(metric, logged, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            problems.append(f"{key}: {metric!r} is not a metric a run logs at its evaluations "
+                            f"(those are {', '.join(logged)}){hint}")
+        elif is_late(metric) and not enabled:
+            problems.append(f"{key}: {metric} comes from the evaluator; set evaluator.enabled: true (or use eval/loss)")
+    return problems

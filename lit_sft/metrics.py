@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+VALIDATION_METRICS = ("eval/loss",)
+"""Logged by the validation loop itself (SFTModule), at every evaluation."""
 EVALUATOR_FIGURES = ("accuracy", "format_accuracy", "correct", "wrong_answer", "format_failure", "mean_response_length")
 """Figures of an evaluator result, logged as `eval/<figure>`."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINK_TUNE = [
@@ -85,8 +86,13 @@ def test_the_readme_commands_work_in_order_on_a_fresh_clone(tmp_path):
             continue
         ran.append(command.split()[0:2])
     # The README has a dashboard command for the Quickstart's own study, not only for another one.
-    assert ["optuna-dashboard", "sqlite:///results/optuna/optuna.db"] in ran
+    assert ["optuna-dashboard", "sqlite:///results/optuna/tiny-math/optuna.db"] in ran
     assert ["python", "tune.py"] in ran and ["python", "train.py"] in ran and ["wandb", "sync"] in ran
     # The first pasted command is the Quickstart's study; its results are where the README says.
-    assert (clone / "results/optuna/REPORT.md").is_file() and (clone / "results/optuna/best_model/config.json").is_file()
+    # Each study in a folder of its own: the accuracy study left the Quickstart's report and model alone.
+    quickstart = clone / "results/optuna/tiny-math"
+    assert (quickstart / "REPORT.md").is_file() and (quickstart / "best_model/config.json").is_file()
+    assert yaml.safe_load((quickstart / "study_results.yaml").read_text())["study"] == "tiny-math"
+    accuracy = clone / "results/optuna/tiny-math-accuracy"
+    assert yaml.safe_load((accuracy / "study_results.yaml").read_text())["study"] == "tiny-math-accuracy"
     assert (clone / "results/train/run-000/best_model/config.json").is_file()

@@ -233,6 +233,31 @@ def _check_same_space(study: optuna.Study, space: SearchSpace) -> None:
             )
 
 
+def results_dir_problem(study_cfg: StudyConfig) -> str | None:
+    """A results folder that holds another study's report or best model would have them
+    overwritten (or left beside this study's report, as if they were this study's)."""
+    import json
+
+    import yaml
+
+    path = study_cfg.results_path
+    owners = []
+    try:
+        owners.append(("study_results.yaml", (yaml.safe_load((path / "study_results.yaml").read_text()) or {}).get("study")))
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    try:
+        owners.append(("best_model/lit_sft_trial.json", json.loads((path / "best_model" / "lit_sft_trial.json").read_text()).get("study")))
+    except (OSError, ValueError, AttributeError):
+        pass
+    for file, owner in owners:
+        if owner is not None and owner != study_cfg.name:
+            return (f"study.results_dir: {path} holds the results of study {owner!r} ({file}); give study "
+                    f"{study_cfg.name!r} a folder of its own (null = results/optuna/<study.name>), or use "
+                    f"--study.name {owner} to resume that one")
+    return None
+
+
 def prepare_results_dir(study_cfg: StudyConfig) -> None:
     path = study_cfg.results_path
     try:

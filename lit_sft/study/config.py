@@ -15,6 +15,8 @@ from lit_sft.errors import UserError
 from lit_sft.storage import url_problem
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_RESULTS_ROOT = Path("results/optuna")
+"""Where a study's folder goes when study.results_dir is null: results/optuna/<study.name>."""
 
 
 @dataclass
@@ -80,8 +82,11 @@ class StudyConfig:
     """Optuna storage URL: sqlite:///file.db (workers on one machine), postgresql://user@host/db
     (workers on several machines; pip install -e '.[postgres]'), or journal:///file.log.
     null = sqlite file results_dir/optuna.db. Its password is masked in everything written."""
-    results_dir: str = "results/optuna"
-    """study_results.yaml, plots/, best_model/ and per-trial files (trials/<study>/trial-NNNN/)."""
+    results_dir: str | None = None
+    """study_results.yaml, REPORT.md, plots/, best_model/ and per-trial files
+    (trials/<study>/trial-NNNN/). null = results/optuna/<study.name>, a folder per study, so a
+    second study never overwrites the first one's report or best model. A folder given here is
+    used as given; one that holds another study's results is refused."""
     seed: int = 0
     """Sampler seed. The sampler is reseeded with seed + trial number before each trial, so a
     resumed study proposes new points and workers started together propose different ones."""
@@ -179,7 +184,7 @@ class StudyConfig:
 
     @property
     def results_path(self) -> Path:
-        return Path(self.results_dir)
+        return Path(self.results_dir) if self.results_dir else DEFAULT_RESULTS_ROOT / self.name
 
     @property
     def storage_url(self) -> str:

@@ -22,7 +22,7 @@ from lit_sft.evaluator.launch import start_evaluator
 from lit_sft.search_space import SearchSpace, load_search_space
 from lit_sft.study import budget as budget_mod
 from lit_sft.study import report
-from lit_sft.study.build import open_study, prepare_results_dir
+from lit_sft.study.build import open_study, prepare_results_dir, results_dir_problem
 from lit_sft.study.config import StudyConfig
 from lit_sft.study.disk import disk_usage, megabytes, remove_leftovers
 from lit_sft.study.final_test import run_final_test
@@ -60,6 +60,26 @@ def check_data(cfg: dict[str, Any], space: SearchSpace) -> None:
         raise UserError(f"data.batch_size: the search space reaches {largest}, more than the {len(data.train_set)} training records")
 
 
+def preflight(cfg: dict[str, Any], study_cfg: StudyConfig) -> None:
+    """What would fail after the study exists, checked before anything is created: the results
+    folder (another study's report or model there), the evaluator's device and backend."""
+    problems = []
+    taken = results_dir_problem(study_cfg)
+    if taken:
+        problems.append(taken)
+    if cfg["evaluator"]["enabled"]:
+        from lit_sft.devices import evaluator_device, train_device
+        from lit_sft.evaluator.config import resolve_backend, resolve_device
+
+        try:
+            device = resolve_device(evaluator_device(cfg), train_device(cfg["trainer"]))
+            resolve_backend(cfg["evaluator"]["backend"], device)
+        except UserError as err:
+            problems.append(str(err))
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def tune(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume, or join) the study described by `cfg["study"]`; returns the summary
     written to results_dir/study_results.yaml."""
@@ -74,6 +94,7 @@ def tune(cfg: dict[str, Any]) -> dict[str, Any]:
     secrets.scrub_argv()
     space = load_search_space(study_cfg.search_space_path(), cfg)
     check_trial_layout(cfg, study_cfg)
+    preflight(cfg, study_cfg)
     check_data(cfg, space)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress lines replace its per-trial logs
