@@ -14,6 +14,7 @@ import yaml
 from optuna.trial import TrialState
 
 from callbacks.pruning import OptunaPruning
+from lit_sft import storage as storage_mod
 from lit_sft.search_space import load_search_space
 from lit_sft.study import budget
 from lit_sft.study.build import default_min_resource
@@ -180,7 +181,7 @@ def test_two_workers_share_one_budget(tiny_model_path, tmp_path):
     # Each worker starts a trial only while the shared count is short; both may be running at the end.
     assert BUDGET <= _spent(trials) < BUDGET + 2 * R
     assert sum(t.user_attrs.get("baseline", False) for t in trials) == 1
-    assert len({t.user_attrs["lit_sft_worker"]["pid"] for t in trials}) == 2, outputs
+    assert len({t.user_attrs[storage_mod.WORKER_ATTR]["pid"] for t in trials}) == 2, outputs
 
 
 @pytest.mark.slow
