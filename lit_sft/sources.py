@@ -1,0 +1,198 @@
+"""Where records come from: a JSONL file (our own reader, errors by line), or anything the
+Hugging Face `datasets` library reads (errors by row and column).
+
+A source is what `data.train_path` (or `validation_path`, `test_path`) says:
+
+- ``*.jsonl``: read line by line (`formats.read_jsonl`), so a broken line is named file:line;
+- ``*.parquet``, ``*.json``, ``*.csv``: one file, through `datasets.load_dataset`;
+- a folder written by ``save_to_disk`` (``dataset_dict.json`` or ``state.json`` in it);
+- any other folder: a Hub-layout dataset repository (``data/train-00000-of-00001.parquet``, ...);
+- ``owner/name`` that is no local path: a Hub dataset id, downloaded and cached by `datasets`.
+
+A source with several splits gives the one asked for (or the first default present); a source with
+one split gives that one. Rows are returned as plain dicts, numbered from 0 as `dataset[i]` and
+pandas number them. Reading is cached per process (trials of a study, and the config check before
+them, read each source once).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lit_sft.errors import UserError
+
+TABLE_FILES = {".parquet": "parquet", ".json": "json", ".csv": "csv"}
+"""File suffix -> the `datasets` builder that reads it (.jsonl has a reader of its own)."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_CACHE: dict[tuple, Rows] = {}
+_CACHE_SIZE = 6
+
+
+@dataclass(frozen=True)
+class Source:
+    """One configured source: the path or id and split as given, and the keys that set them."""
+
+    spec: str
+    """A path or a Hub dataset id (data.train_path, ...)."""
+    split: str | None
+    """The split asked for; None = the first of `defaults` present, or the only split."""
+    defaults: tuple[str, ...]
+    """Splits tried in order when `split` is None."""
+    key: str
+    """Config key of `spec`, for messages: data.train_path."""
+    split_key: str
+    """Config key of `split`: data.train_split."""
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The records of one split of a source."""
+
+    label: str
+    """How messages name the source: the path or id, with the split when there is a choice."""
+    identity: tuple[str, str]
+    """(resolved path or id, split): equal for two configured sources that are the same data."""
+    records: list[tuple[str, dict[str, Any]]]
+    """(where, record): where is "file:line" (JSONL) or "label, row i" (tables)."""
+    columns: tuple[str, ...] | None
+    """The table's column names; None for JSONL (records may differ in their fields)."""
+
+    @property
+    def noun(self) -> str:
+        """What messages call a record's field: a line's "field", a table's "column"."""
+        return "field" if self.columns is None else "column"
+
+
+def kind(spec: str) -> str | None:
+    """jsonl, table, disk (save_to_disk), folder (Hub layout), hub (a Hub id), or None: no such path."""
+    path = Path(spec)
+    if path.is_dir():
+        return "disk" if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file() else "folder"
+    if path.is_file():
+        return "jsonl" if path.suffix.lower() != ".json" and path.suffix.lower() not in TABLE_FILES else "table"
+    if _HUB_ID.fullmatch(spec) and path.suffix.lower() not in (*TABLE_FILES, ".jsonl"):
+        return "hub"
+    return None
+
+
+def spec_problem(spec: str, key: str) -> str | None:
+    """What is wrong with a configured path before anything is read (no network), or None."""
+    if kind(spec) is None:
+        return f"{key}: no such file or folder: {spec} (a .jsonl, .parquet, .json or .csv file, a dataset folder, or a Hub id owner/name)"
+    return None
+
+
+def read(source: Source) -> Rows:
+    """The records of `source`'s chosen split; UserError naming the key, path and split if it cannot."""
+    what = kind(source.spec)
+    if what is None:
+        raise UserError(spec_problem(source.spec, source.key))
+    cache_key = (source.spec, source.split, source.defaults, stamp(source.spec))
+    if cache_key not in _CACHE:
+        while len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[cache_key] = _read_jsonl(source) if what == "jsonl" else _read_table(source, what)
+    return _CACHE[cache_key]
+
+
+def same_data(a: Source, b: Source) -> bool:
+    """Whether two configured sources are the same records (same file or dataset, same split)."""
+    if _resolved(a.spec) != _resolved(b.spec):
+        return False  # without reading either: a source only one role needs is never read for this
+    return read(a).identity == read(b).identity
+
+
+def _resolved(spec: str) -> str:
+    return spec if kind(spec) == "hub" else str(Path(spec).resolve())
+
+
+def stamp(spec: str) -> tuple[int, ...] | None:
+    """Changes when the file, or a file of the folder, changes (a cached read is then stale); None for a Hub id."""
+    path = Path(spec)
+    if not path.exists():
+        return None
+    if path.is_file():
+        st = path.stat()
+        return (st.st_mtime_ns, st.st_size)
+    return tuple(sorted(f.stat().st_mtime_ns for f in path.rglob("*") if f.is_file()))
+
+
+def _read_jsonl(source: Source) -> Rows:
+    from lit_sft.formats import read_jsonl
+
+    if source.split is not None and source.split != "train":
+        raise UserError(f"{source.split_key}: {source.spec} is one JSONL file, it has no split {source.split!r}")
+    path = str(source.spec)
+    records = [(f"{path}:{line}", record) for line, record in read_jsonl(path)]
+    return Rows(path, (str(Path(path).resolve()), "train"), records, None)
+
+
+def _read_table(source: Source, what: str) -> Rows:
+    splits = _load(source, what)
+    name = _pick_split(source, sorted(splits))
+    dataset = splits[name]
+    if what == "table" and Path(source.spec).suffix.lower() == ".csv":
+        # CSV has no types: a column of numbers is inferred as int or float, but the text is what was written.
+        from datasets import Features, Value
+
+        dataset = dataset.cast(Features({c: Value("string") for c in dataset.column_names}))
+    label = source.spec if len(splits) == 1 and source.split is None else f"{source.spec} (split {name})"
+    resolved = _resolved(source.spec)
+    if len(dataset) == 0:
+        raise UserError(f"{label}: empty split (no rows)")
+    records = [(f"{label}, row {i}", row) for i, row in enumerate(dataset.to_list())]
+    return Rows(label, (resolved, name), records, tuple(dataset.column_names))
+
+
+def _load(source: Source, what: str) -> dict[str, Any]:
+    """split name -> datasets.Dataset, however the source is stored."""
+    import datasets
+
+    datasets.disable_progress_bars()  # one bar per file read is noise beside the training bar
+    spec = source.spec
+    try:
+        if what == "disk":
+            loaded = datasets.load_from_disk(spec)
+        elif what == "table":
+            loaded = datasets.load_dataset(TABLE_FILES[Path(spec).suffix.lower()], data_files=spec)
+        else:
+            loaded = datasets.load_dataset(spec)
+    except ConnectionError as err:
+        # datasets says "Couldn't reach 'x' on the Hub (OfflineModeIsEnabled)" and the like.
+        raise UserError(f"{source.key}: cannot reach Hugging Face dataset {spec!r}: {_first_line(err)} "
+                        "(download it online once, or point the key at a local copy)") from None
+    except FileNotFoundError as err:
+        raise UserError(f"{source.key}: {spec}: no dataset there: {_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - arrow, pandas and datasets raise many kinds for a bad file
+        raise UserError(f"{source.key}: cannot read {spec}: {type(err).__name__}: {_first_line(err)}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        return dict(loaded)
+    return {"train": loaded}
+
+
+def _pick_split(source: Source, names: list[str]) -> str:
+    if source.split is not None:
+        if source.split not in names:
+            raise UserError(f"{source.split_key}: {source.spec} has no split {source.split!r}; its splits: {', '.join(names)}")
+        return source.split
+    if len(names) == 1:
+        return names[0]
+    for name in source.defaults:
+        if name in names:
+            return name
+    raise UserError(f"{source.split_key}: {source.spec} has splits {', '.join(names)} and none of "
+                    f"{', '.join(source.defaults)}; name the split with {source.split_key}")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def clear_cache() -> None:
+    """Forget every read source (tests that rewrite a file within one mtime tick)."""
+    _CACHE.clear()
+
