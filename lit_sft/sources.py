@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from lit_sft.errors import UserError
 
@@ -29,6 +29,7 @@ TABLE_FILES = {".parquet": "parquet", ".json": "json", ".csv": "csv"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _CACHE: dict[tuple, Rows] = {}
 _CACHE_SIZE = 6
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -131,46 +132,54 @@ def _read_jsonl(source: Source) -> Rows:
 
 
 def _read_table(source: Source, what: str) -> Rows:
-    splits = _load(source, what)
-    name = _pick_split(source, sorted(splits))
-    dataset = splits[name]
-    if what == "table" and Path(source.spec).suffix.lower() == ".csv":
-        # CSV has no types: a column of numbers is inferred as int or float, but the text is what was written.
-        from datasets import Features, Value
-
-        dataset = dataset.cast(Features({c: Value("string") for c in dataset.column_names}))
-    label = source.spec if len(splits) == 1 and source.split is None else f"{source.spec} (split {name})"
-    resolved = _resolved(source.spec)
-    if len(dataset) == 0:
-        raise UserError(f"{label}: empty split (no rows)")
-    records = [(f"{label}, row {i}", row) for i, row in enumerate(dataset.to_list())]
-    return Rows(label, (resolved, name), records, tuple(dataset.column_names))
-
-
-def _load(source: Source, what: str) -> dict[str, Any]:
-    """split name -> datasets.Dataset, however the source is stored."""
     import datasets
 
     datasets.disable_progress_bars()  # one bar per file read is noise beside the training bar
+    names, load = _guarded(source, lambda: _splits(source, what))
+    name = _pick_split(source, sorted(names))
+    label = source.spec if len(names) == 1 and source.split is None else f"{source.spec} (split {name})"
+    dataset = _guarded(source, lambda: load(name), label)
+    if what == "table" and Path(source.spec).suffix.lower() == ".csv":
+        # CSV has no types: a column of numbers is inferred as int or float, but the text is what was written.
+        dataset = dataset.cast(datasets.Features({c: datasets.Value("string") for c in dataset.column_names}))
+    if len(dataset) == 0:
+        raise UserError(f"{label}: empty split (no rows)")
+    records = [(f"{label}, row {i}", row) for i, row in enumerate(dataset.to_list())]
+    return Rows(label, (_resolved(source.spec), name), records, tuple(dataset.column_names))
+
+
+def _splits(source: Source, what: str) -> tuple[list[str], Callable[[str], Any]]:
+    """The split names of a source, and how to load one (only the split used is read or downloaded)."""
+    import datasets
+
+    spec = source.spec
+    if what == "disk":
+        loaded = datasets.load_from_disk(spec)
+        splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        return list(splits), splits.__getitem__
+    if what == "table":
+        loaded = datasets.load_dataset(TABLE_FILES[Path(spec).suffix.lower()], data_files=spec)
+        return list(loaded), loaded.__getitem__
+    return datasets.get_dataset_split_names(spec), lambda name: datasets.load_dataset(spec, split=name)
+
+
+def _guarded(source: Source, call: Callable[[], T], label: str | None = None) -> T:
+    """`call()`, with what `datasets` raises for a source turned into one line naming the key."""
     spec = source.spec
     try:
-        if what == "disk":
-            loaded = datasets.load_from_disk(spec)
-        elif what == "table":
-            loaded = datasets.load_dataset(TABLE_FILES[Path(spec).suffix.lower()], data_files=spec)
-        else:
-            loaded = datasets.load_dataset(spec)
+        return call()
     except ConnectionError as err:
         # datasets says "Couldn't reach 'x' on the Hub (OfflineModeIsEnabled)" and the like.
         raise UserError(f"{source.key}: cannot reach Hugging Face dataset {spec!r}: {_first_line(err)} "
                         "(download it online once, or point the key at a local copy)") from None
+    except ValueError as err:
+        if label and "corresponds to no data" in str(err):  # a split whose files hold no rows
+            raise UserError(f"{label}: empty split (no rows)") from None
+        raise UserError(f"{source.key}: cannot read {spec}: {type(err).__name__}: {_first_line(err)}") from None
     except FileNotFoundError as err:
         raise UserError(f"{source.key}: {spec}: no dataset there: {_first_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - arrow, pandas and datasets raise many kinds for a bad file
         raise UserError(f"{source.key}: cannot read {spec}: {type(err).__name__}: {_first_line(err)}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        return dict(loaded)
-    return {"train": loaded}
 
 
 def _pick_split(source: Source, names: list[str]) -> str:
