@@ -398,12 +398,13 @@ def data_problems(cfg: dict[str, Any]) -> list[str]:
     reads = [("train_path", module._examples), ("validation_path", lambda: module.validation_problems)]
     if cfg.get("study") is not None:
         reads.append(("test_path", lambda: module.test_problems))
-    problems = []
+    problems, failed = [], set()
     for key, read in reads:
-        if not data.get(key) or (key != "train_path" and not evaluator):
-            continue
+        if not data.get(key) or (key != "train_path" and not evaluator) or data[key] in failed:
+            continue  # (a source that failed for one key is not reported again for the next)
         try:
             read()
         except UserError as err:
             problems.append(str(err))
+            failed.add(data[key])
     return problems

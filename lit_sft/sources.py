@@ -169,9 +169,10 @@ def _guarded(source: Source, call: Callable[[], T], label: str | None = None) ->
     try:
         return call()
     except ConnectionError as err:
-        # datasets says "Couldn't reach 'x' on the Hub (OfflineModeIsEnabled)" and the like.
-        raise UserError(f"{source.key}: cannot reach Hugging Face dataset {spec!r}: {_first_line(err)} "
-                        "(download it online once, or point the key at a local copy)") from None
+        # datasets says "Couldn't reach 'x' on the Hub (OfflineModeIsEnabled)": the reason is the part in brackets.
+        why = re.search(r"\(([^()]*)\)$", _first_line(err))
+        raise UserError(f"{source.key}: cannot reach Hugging Face dataset {spec!r} ({why.group(1) if why else _first_line(err)}); "
+                        "download it online once, or point the key at a local copy") from None
     except ValueError as err:
         if label and "corresponds to no data" in str(err):  # a split whose files hold no rows
             raise UserError(f"{label}: empty split (no rows)") from None

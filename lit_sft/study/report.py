@@ -283,6 +283,7 @@ def summarize(study: optuna.Study, *, metric: str, n_trials: int, results_dir: s
         "tied_with_best": mark_ties(rows, best_row["number"] if best_row else None),
         "param_scales": param_scales(trials),
         "test_accuracy": final_test(study, best.number if best else None),
+        "test_skipped": None,
         "best_model": None,
         "rungs": rungs,
         "pruning": pruning_savings(rows),
@@ -290,6 +291,8 @@ def summarize(study: optuna.Study, *, metric: str, n_trials: int, results_dir: s
         "trials": rows,
         "failures": [{"number": r["number"], "reason": r["reason"], "error": r["error"]} for r in rows if r["state"] == "FAIL"],
     }
+    if summary["test_accuracy"] is None and best is not None:
+        summary["test_skipped"] = study.user_attrs.get("final_test_skipped")  # why there is no test (study/final_test.py)
     marker = Path(results_dir) / BEST_MODEL_DIR / BEST_MODEL_MARKER
     if best is not None and marker.is_file():
         saved = json.loads(marker.read_text())
@@ -401,6 +404,8 @@ def _closing_lines(summary: dict[str, Any]) -> Iterable[str]:
     test = summary.get("test_accuracy")
     if test is not None:
         yield f"final test: {format_test(test)}"
+    elif summary.get("test_skipped"):
+        yield f"final test: none: {summary['test_skipped']}"
     for failure in summary["failures"]:
         yield f"failed: trial {failure['number']} ({failure['reason']}): {failure['error']}"
     if summary["best_model"]:
