@@ -256,7 +256,7 @@ class SFTDataModule(LightningDataModule):
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             if len(prompt) >= hp.max_length:
                 raise UserError(
-                    f"record {i + 1} of {hp.train_path or 'the generated data'}: prompt is {len(prompt)} tokens, "
+                    f"{_where(examples[i], i, hp.train_path)}: prompt is {len(prompt)} tokens, "
                     f"longer than data.max_length={hp.max_length}"
                 )
             response = response + eos
@@ -264,7 +264,7 @@ class SFTDataModule(LightningDataModule):
             if overflow > 0:
                 if hp.truncation == "error":
                     raise UserError(
-                        f"record {i + 1} of {hp.train_path}: {len(prompt) + len(response)} tokens > data.max_length="
+                        f"{_where(examples[i], i, hp.train_path)}: {len(prompt) + len(response)} tokens > data.max_length="
                         f"{hp.max_length} (set data.truncation to 'truncate' or 'drop')"
                     )
                 if hp.truncation == "drop":
@@ -365,6 +365,10 @@ class SFTDataModule(LightningDataModule):
         # Sorted by length so eval micro-batches pad little; the set is fixed, so order is too.
         rows = sorted(self.eval_set, key=lambda r: len(r["input_ids"]))
         return DataLoader(rows, batch_size=self.micro_batch_size, shuffle=False, collate_fn=self._collate)
+
+
+def _where(example: Example, index: int, source: str | None) -> str:
+    return example.where or f"record {index + 1} of {source or 'the generated data'}"
 
 
 def column_map_problems(data: Any) -> list[str]:

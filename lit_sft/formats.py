@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import dataclasses
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -56,6 +57,8 @@ class Example:
     """The text the model learns to produce: " ... </think> <answer>X</answer>" for r1_zero."""
     answer: str | None
     """The ground-truth answer when the record has one (to keep only correct traces, say)."""
+    where: str = dataclasses.field(default="", compare=False)
+    """Where the record is ("file:line", "dataset, row i"), for a message about it after conversion."""
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,10 @@ def _check_columns(first: Fields, label: str, schema: str, use: str, table: tupl
 
 
 def _to_example(record: dict, schema: str, where: str) -> Example:
+    return dataclasses.replace(_example(record, schema, where), where=where)
+
+
+def _example(record: dict, schema: str, where: str) -> Example:
     if schema == "prompt_response":
         return Example(
             prompt=_text(record, "prompt", schema, where),

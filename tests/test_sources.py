@@ -170,3 +170,11 @@ def test_config_and_data_problems_are_reported_together(tmp_path):
         check(cfg)
     assert "trainer.val_check_interval (25 steps) > trainer.max_steps (2)" in str(err.value)
     assert f"{broken}:2: invalid JSON" in str(err.value)
+
+
+def test_a_record_too_long_after_tokenizing_is_named_by_its_row(tiny_model_path, tmp_path):
+    rows = _math(12)
+    rows[5]["solution"] = "1 + 1 = 2. " * 200 + "$\\boxed{2}$"
+    path = _parquet(tmp_path / "long.parquet", rows)
+    with pytest.raises(UserError, match=r"long\.parquet, row 5: \d+ tokens > data.max_length=64"):
+        _dm(train_path=path, tokenizer_name_or_path=tiny_model_path, max_length=64, truncation="error").setup("fit")
