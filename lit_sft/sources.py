@@ -18,6 +18,8 @@ them, read each source once).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -167,7 +169,8 @@ def _guarded(source: Source, call: Callable[[], T], label: str | None = None) ->
     """`call()`, with what `datasets` raises for a source turned into one line naming the key."""
     spec = source.spec
     try:
-        return call()
+        with _quiet_datasets():
+            return call()
     except ConnectionError as err:
         # datasets says "Couldn't reach 'x' on the Hub (OfflineModeIsEnabled)": the reason is the part in brackets.
         why = re.search(r"\(([^()]*)\)$", _first_line(err))
@@ -180,7 +183,47 @@ def _guarded(source: Source, call: Callable[[], T], label: str | None = None) ->
     except FileNotFoundError as err:
         raise UserError(f"{source.key}: {spec}: no dataset there: {_first_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - arrow, pandas and datasets raise many kinds for a bad file
-        raise UserError(f"{source.key}: cannot read {spec}: {type(err).__name__}: {_first_line(err)}") from None
+        _json_lines_problem(spec)
+        cause = _root_cause(err)
+        raise UserError(f"{source.key}: cannot read {spec}: {type(cause).__name__}: {_first_line(cause)}") from None
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """datasets logs a failed read at ERROR before raising it: the one line we print says it."""
+    from datasets.utils import logging as ds_logging
+
+    level = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The error under datasets' "An error occurred while generating the dataset"."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _json_lines_problem(spec: str) -> None:
+    """A .json file of JSON lines that `datasets` cannot read: our reader names the bad line."""
+    import json
+
+    path = Path(spec)
+    if path.suffix.lower() != ".json":
+        return
+    try:
+        with path.open("rb") as lines:
+            first = json.loads(lines.readline())
+    except (OSError, ValueError):
+        return  # not JSON lines (one document over several lines): datasets' message stands
+    if isinstance(first, dict):
+        from lit_sft.formats import read_jsonl
+
+        read_jsonl(path)  # raises UserError at the first bad line
 
 
 def _pick_split(source: Source, names: list[str]) -> str:

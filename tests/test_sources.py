@@ -178,3 +178,20 @@ def test_a_record_too_long_after_tokenizing_is_named_by_its_row(tiny_model_path,
     path = _parquet(tmp_path / "long.parquet", rows)
     with pytest.raises(UserError, match=r"long\.parquet, row 5: \d+ tokens > data.max_length=64"):
         _dm(train_path=path, tokenizer_name_or_path=tiny_model_path, max_length=64, truncation="error").setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.json", '{"problem": "a", "answer": "1"}\n{"problem": "b", "answer": \n', r"bad\.json:2: invalid JSON: Expecting value"),
+        ("bad.parquet", "not parquet", r"data.validation_path: cannot read .*bad\.parquet: ArrowInvalid: Parquet magic bytes not found"),
+        ("bad.csv", 'problem,answer\n"a,1\nb,2\n', r"data.validation_path: cannot read .*bad\.csv: ParserError: .*EOF inside string"),
+    ],
+)
+def test_a_file_datasets_cannot_read_is_one_line_with_the_cause(tmp_path, capfd, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(UserError, match=message) as err:
+        _dm(validation_path=str(path)).validation_problems  # noqa: B018
+    assert "\n" not in str(err.value)
+    assert "Failed to" not in capfd.readouterr().err  # datasets' own ERROR log stays quiet: the one line says it
