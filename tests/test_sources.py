@@ -195,3 +195,15 @@ def test_a_file_datasets_cannot_read_is_one_line_with_the_cause(tmp_path, capfd,
         _dm(validation_path=str(path)).validation_problems  # noqa: B018
     assert "\n" not in str(err.value)
     assert "Failed to" not in capfd.readouterr().err  # datasets' own ERROR log stays quiet: the one line says it
+
+
+def test_split_and_column_map_from_the_command_line(tmp_path):
+    from lit_sft.config import parse
+
+    renamed = [{"q": f"What is {i} + 2?", "a": f"{i} + 2 = {i + 2}\n#### {i + 2}"} for i in range(6)]
+    folder = _hub_folder(tmp_path / "gsm", {"train": renamed[:2], "test": renamed[2:]})
+    cfg = parse(["--data.train_path", folder, "--data.train_split", "test", "--data.columns", "{question: q, answer: a}"])
+    assert cfg["data"]["columns"] == {"question": "q", "answer": "a"}
+    assert [e.answer for e in SFTDataModule(**cfg["data"])._examples()] == ["4", "5", "6", "7"]
+    with pytest.raises(UserError, match=r"data.columns: unknown field\(s\) quest"):
+        parse(["--data.train_path", folder, "--data.columns", "{quest: q}"])
