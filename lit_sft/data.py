@@ -11,8 +11,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, RandomSampler
 from typing_extensions import override
 
-from lit_sft.errors import UserError
 from lit_sft import sources
+from lit_sft.errors import UserError
 from lit_sft.formats import FIELDS, Example, Problem, examples_from, problems_from, r1_zero_prompt
 from lit_sft.packing import pack_collate, pad_collate
 
