@@ -3,7 +3,7 @@ Hugging Face `datasets` library reads (errors by row and column).
 
 A source is what `data.train_path` (or `validation_path`, `test_path`) says:
 
-- ``*.jsonl``: read line by line (`formats.read_jsonl`), so a broken line is named file:line;
+- ``*.jsonl`` (any file but the three below): read line by line (`formats.read_jsonl`), so a broken line is named file:line;
 - ``*.parquet``, ``*.json``, ``*.csv``: one file, through `datasets.load_dataset`;
 - a folder written by ``save_to_disk`` (``dataset_dict.json`` or ``state.json`` in it);
 - any other folder: a Hub-layout dataset repository (``data/train-00000-of-00001.parquet``, ...);
@@ -62,11 +62,6 @@ class Rows:
     """(where, record): where is "file:line" (JSONL) or "label, row i" (tables)."""
     columns: tuple[str, ...] | None
     """The table's column names; None for JSONL (records may differ in their fields)."""
-
-    @property
-    def noun(self) -> str:
-        """What messages call a record's field: a line's "field", a table's "column"."""
-        return "field" if self.columns is None else "column"
 
 
 def kind(spec: str) -> str | None:
@@ -181,7 +176,8 @@ def _guarded(source: Source, call: Callable[[], T], label: str | None = None) ->
             raise UserError(f"{label}: empty split (no rows)") from None
         raise UserError(f"{source.key}: cannot read {spec}: {type(err).__name__}: {_first_line(err)}") from None
     except FileNotFoundError as err:
-        raise UserError(f"{source.key}: {spec}: no dataset there: {_first_line(err)}") from None
+        where = "no such local file or folder, and not on the Hub" if kind(spec) == "hub" else "no dataset there"
+        raise UserError(f"{source.key}: {spec}: {where}: {_first_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - arrow, pandas and datasets raise many kinds for a bad file
         _json_lines_problem(spec)
         cause = _root_cause(err)
