@@ -64,9 +64,15 @@ def test_the_reference_study_runs_end_to_end_on_cpu_with_its_final_test(tiny_mod
     shipped = yaml.safe_load((REFERENCE / "tune.yaml").read_text())
     for key in ("max_length", "micro_batch_size", "eval_size", "schema", "validation_schema", "test_schema", "train_split", "validation_split", "test_split"):
         assert cfg["data"][key] == shipped["data"][key], key  # the rest runs as shipped
+    import wandb
+
     from lit_sft.study import run
 
-    summary = run.tune(cfg)
+    try:
+        summary = run.tune(cfg)
+    finally:
+        # W&B runs in this process export WANDB_SERVICE: a later test's subprocess would join this service.
+        wandb.teardown()
     assert summary["counts"].get("complete", 0) + summary["counts"].get("pruned", 0) == 2
     assert {t["params"]["batch_size"] for t in summary["trials"]} <= {32, 64, 128, 256}
     test_result = summary["test_accuracy"]
