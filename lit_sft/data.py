@@ -394,6 +394,8 @@ def data_problems(cfg: dict[str, Any]) -> list[str]:
     no model): `config.check` reports them beside the config's own. The validation problems are read
     where an evaluator grades them, the test problems where a study (`cfg["study"]`) tests on them."""
     data = cfg["data"]
+    if not any(data.get(k) for k in ("train_path", "validation_path", "test_path")):
+        return []  # generated data cannot be malformed
     try:
         module = SFTDataModule(**data)
     except UserError:
