@@ -234,7 +234,8 @@ def complete(cfg: dict[str, Any], tune: bool = False) -> dict[str, Any]:
 
 def check(cfg: dict[str, Any], *, other_rank: bool = False) -> None:
     """Every problem a config has before any work starts: ranges (lit_sft.checks), cross-section
-    rules a per-field type check cannot see, missing files; all collected, raised once.
+    rules a per-field type check cannot see, missing files, and the first bad record of each data
+    source (read, not tokenized: no model or tokenizer loads); all collected, raised once.
 
     `other_rank`: the config of a rank > 0 of a multi-process trial, whose evaluator is rank 0's.
     """
@@ -246,13 +247,19 @@ def check(cfg: dict[str, Any], *, other_rank: bool = False) -> None:
         problems.append("trainer.accumulate_grad_batches: use data.micro_batch_size (accumulation is exact and built in)")
     if trainer.get("gradient_clip_val") is not None:
         problems.append("trainer.gradient_clip_val: use model.gradient_clip_val (manual optimization clips itself)")
-    for key in ("train_path", "validation_path", "test_path"):
-        path = data.get(key)
-        if path and not Path(path).is_file():
-            problems.append(f"data.{key}: no such file: {path}")
+    from lit_sft.data import column_map_problems, data_problems
+    from lit_sft.sources import spec_problem
+
+    missing = [p for p in (spec_problem(data[k], f"data.{k}") for k in ("train_path", "validation_path", "test_path") if data.get(k)) if p]
+    problems.extend(missing)
+    maps = column_map_problems(data)
+    problems.extend(maps)
     problems.extend(_section_problems(cfg))
     if not other_rank:
         problems.extend(objective_problems(cfg))
+    if not missing and not maps:
+        # Read with the config's own problems, so one run reports both (a fix-and-rerun per problem is slow).
+        problems.extend(data_problems(cfg))
     if problems:
         raise UserError("; ".join(problems))
 

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, RandomSampler
 from typing_extensions import override
 
+from lit_sft import sources
 from lit_sft.errors import UserError
-from lit_sft.formats import Example, Problem, load_examples, load_problems, r1_zero_prompt
+from lit_sft.formats import FIELDS, Example, Problem, examples_from, problems_from, r1_zero_prompt
 from lit_sft.packing import pack_collate, pad_collate
 
 log = logging.getLogger(__name__)
 IGNORE = -100
-_SPLIT_KEYS = ("train_path", "schema", "max_length", "truncation", "eval_size", "eval_max_fraction", "num_generated", "filter_correct", "seed")
+_SPLIT_KEYS = ("train_path", "train_split", "schema", "columns", "validation_path", "validation_split", "num_validation_problems",
+               "max_length", "truncation", "eval_size", "eval_max_fraction", "num_generated", "filter_correct", "seed")
+_ROLES = {
+    "train": ("train_path", "train_split", "schema", "columns", ("train",)),
+    "validation": ("validation_path", "validation_split", "validation_schema", "validation_columns", ("validation", "test")),
+    "test": ("test_path", "test_split", "test_schema", "test_columns", ("test",)),
+}
+"""role -> its keys (source, split, schema, column map) and the splits tried when none is named."""
 _SPLITS: dict[tuple, tuple] = {}
 """The last tokenized (train, eval, stats) split of this process, keyed by what decides it."""
 
@@ -49,6 +55,12 @@ class SFTDataModule(LightningDataModule):
         validation_schema: str | None = None,
         test_path: str | None = None,
         test_schema: str | None = None,
+        train_split: str | None = None,
+        validation_split: str | None = None,
+        test_split: str | None = None,
+        columns: dict[str, str] | None = None,
+        validation_columns: dict[str, str] | None = None,
+        test_columns: dict[str, str] | None = None,
         tokenizer_name_or_path: str | None = None,
         batch_size: int = 32,
         micro_batch_size: int | None = None,
@@ -66,16 +78,26 @@ class SFTDataModule(LightningDataModule):
     ) -> None:
         """
         Args:
-            train_path: JSONL of SFT records (prompt/response, question/answer, problem/solution);
-                None = generated problems (the embedded task).
-            validation_path: JSONL of problems with answers, for accuracy; None = generated.
+            train_path: SFT records (prompt/response, question/answer, problem/solution): a .jsonl,
+                .parquet, .json or .csv file, a `save_to_disk` folder, a folder laid out as a Hub
+                dataset, or a Hub dataset id (owner/name); None = generated problems (the embedded task).
+            validation_path: Problems with answers, for accuracy (any source train_path takes);
+                None = generated. The training source itself is allowed: its validation problems
+                are then held out of training.
             schema: Force the record schema of `train_path` instead of detecting it from field names.
             validation_schema: Same for `validation_path`.
-            test_path: JSONL of problems with answers that no trial and no selection step sees:
+            test_path: Problems with answers (any source train_path takes) that no trial and no selection step sees:
                 the study's best model is graded on them once, at the end. None = the generated
                 test split when training on generated data, else no final test. The validation
-                file itself is allowed: its problems after the validation sample are used.
+                source itself is allowed: its problems after the validation sample are used.
             test_schema: Same for `test_path`.
+            train_split: The split of `train_path` to train on; None = "train", or a source's only split.
+            validation_split: Same for `validation_path`; None = "validation", else "test", or the only split.
+            test_split: Same for `test_path`; None = "test", or the only split.
+            columns: Schema field -> column of `train_path`, for a dataset that names them otherwise
+                (e.g. {question: q, answer: a}).
+            validation_columns: Same for `validation_path`.
+            test_columns: Same for `test_path`.
             tokenizer_name_or_path: Tokenizer; None = the model's (train.py fills it in).
             batch_size: Examples per optimizer step, over all devices.
             micro_batch_size: Examples per forward pass; gradients accumulate over the rest. None = batch_size.
@@ -114,15 +136,46 @@ class SFTDataModule(LightningDataModule):
             problems.append(f"data.eval_max_fraction must be in (0, 1), got {hp.eval_max_fraction}")
         if hp.eval_size < 1:
             problems.append(f"data.eval_size must be >= 1, got {hp.eval_size}")
+        problems.extend(column_map_problems(hp))
         if problems:
             raise UserError("; ".join(problems))
 
     # ---- records -----------------------------------------------------------------------------
 
+    def _source(self, role: str) -> sources.Source:
+        path, split, _, _, defaults = _ROLES[role]
+        return sources.Source(self.hparams[path], self.hparams[split], defaults, f"data.{path}", f"data.{split}")
+
+    def _read(self, role: str, records: sources.Rows | None = None, picked: list[int] | None = None, *, problems: bool) -> list:
+        """The role's records as examples or problems (`picked`: those indices only, in that order)."""
+        rows = records or sources.read(self._source(role))
+        _, _, schema, columns, _ = _ROLES[role]
+        chosen = rows.records if picked is None else [rows.records[i] for i in picked]
+        convert = problems_from if problems else examples_from
+        return convert(chosen, rows.label, self.hparams[schema], columns=self.hparams[columns], table=rows.columns,
+                       columns_key=f"data.{columns}")
+
+    def _sample(self, n: int) -> list[int]:
+        """The seeded order in which problems are sampled from a source of `n` records."""
+        order = list(range(n))
+        random.Random(self.hparams.seed).shuffle(order)
+        return order
+
+    def _validation_is_training_data(self) -> bool:
+        hp = self.hparams
+        return bool(hp.train_path and hp.validation_path and sources.same_data(self._source("train"), self._source("validation")))
+
     def _examples(self) -> list[Example]:
         hp = self.hparams
         if hp.train_path:
-            return load_examples(hp.train_path, schema=hp.schema)
+            rows = sources.read(self._source("train"))
+            if not self._validation_is_training_data():
+                return self._read("train", rows, problems=False)
+            held = set(self._sample(len(rows.records))[: hp.num_validation_problems])
+            if len(held) >= len(rows.records):
+                raise UserError(f"data.validation_path: {rows.label} is also the training data and has {len(rows.records)} records; "
+                                f"holding out data.num_validation_problems={hp.num_validation_problems} leaves none to train on")
+            return self._read("train", rows, [i for i in range(len(rows.records)) if i not in held], problems=False)
         from lit_sft.synthetic import make_sft_records
 
         return [Example(r["prompt"], r["response"], r["ground_truth"]) for r in make_sft_records(hp.num_generated, hp.seed)]
@@ -133,8 +186,9 @@ class SFTDataModule(LightningDataModule):
         if self._problems is None:
             hp = self.hparams
             if hp.validation_path:
-                problems = load_problems(hp.validation_path, schema=hp.validation_schema)
-                random.Random(hp.seed).shuffle(problems)
+                # The training data's held-out records when validation reads it (see _examples).
+                rows = sources.read(self._source("validation"))
+                problems = self._read("validation", rows, self._sample(len(rows.records)), problems=True)
             else:
                 from lit_sft.synthetic import make_problems
 
@@ -147,17 +201,20 @@ class SFTDataModule(LightningDataModule):
         """The final test's problems, disjoint from the validation sample; None if there is no test set."""
         hp = self.hparams
         if hp.test_path:
-            if hp.validation_path and Path(hp.test_path).resolve() == Path(hp.validation_path).resolve():
-                problems = load_problems(hp.validation_path, schema=hp.validation_schema)
-                random.Random(hp.seed).shuffle(problems)  # the validation sample's order, so the rest is unseen
-                rest = problems[hp.num_validation_problems :]
+            test = self._source("test")
+            if hp.train_path and sources.same_data(test, self._source("train")):
+                raise UserError(f"data.test_path: {sources.read(test).label} is the training data; the final test needs "
+                                "problems no run trained on (a held-out split, or another dataset)")
+            if hp.validation_path and sources.same_data(test, self._source("validation")):
+                rows = sources.read(self._source("validation"))
+                # The validation sample's order, so the rest is unseen.
+                rest = self._read("validation", rows, self._sample(len(rows.records)), problems=True)[hp.num_validation_problems :]
                 if not rest:
-                    raise UserError(f"data.test_path: {hp.test_path} is the validation file and has no problems beyond the "
+                    raise UserError(f"data.test_path: {rows.label} is the validation data and has no problems beyond the "
                                     f"{hp.num_validation_problems} validation ones; lower data.num_validation_problems")
                 return rest[: hp.num_test_problems]
-            problems = load_problems(hp.test_path, schema=hp.test_schema)
-            random.Random(hp.seed).shuffle(problems)
-            return problems[: hp.num_test_problems]
+            rows = sources.read(test)
+            return self._read("test", rows, self._sample(len(rows.records)), problems=True)[: hp.num_test_problems]
         if hp.train_path:
             return None
         from lit_sft.synthetic import exercises, make_problems
@@ -199,7 +256,7 @@ class SFTDataModule(LightningDataModule):
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             if len(prompt) >= hp.max_length:
                 raise UserError(
-                    f"record {i + 1} of {hp.train_path or 'the generated data'}: prompt is {len(prompt)} tokens, "
+                    f"{_where(examples[i], i, hp.train_path)}: prompt is {len(prompt)} tokens, "
                     f"longer than data.max_length={hp.max_length}"
                 )
             response = response + eos
@@ -207,7 +264,7 @@ class SFTDataModule(LightningDataModule):
             if overflow > 0:
                 if hp.truncation == "error":
                     raise UserError(
-                        f"record {i + 1} of {hp.train_path}: {len(prompt) + len(response)} tokens > data.max_length="
+                        f"{_where(examples[i], i, hp.train_path)}: {len(prompt) + len(response)} tokens > data.max_length="
                         f"{hp.max_length} (set data.truncation to 'truncate' or 'drop')"
                     )
                 if hp.truncation == "drop":
@@ -229,8 +286,8 @@ class SFTDataModule(LightningDataModule):
             return
         hp = self.hparams
         self.tokenizer = self._load_tokenizer()
-        stamp = os.stat(hp.train_path).st_mtime_ns if hp.train_path and os.path.exists(hp.train_path) else None
-        key = tuple(hp.get(k) for k in _SPLIT_KEYS) + (self.tokenizer.name_or_path, stamp)
+        stamp = sources.stamp(hp.train_path) if hp.train_path else None
+        key = tuple(repr(hp.get(k)) for k in _SPLIT_KEYS) + (self.tokenizer.name_or_path, stamp)
         if key not in _SPLITS:  # trials of a study share the tokenized split: build it once
             _SPLITS.clear()
             _SPLITS[key] = self._build_split()
@@ -309,3 +366,51 @@ class SFTDataModule(LightningDataModule):
         rows = sorted(self.eval_set, key=lambda r: len(r["input_ids"]))
         return DataLoader(rows, batch_size=self.micro_batch_size, shuffle=False, collate_fn=self._collate)
 
+
+def _where(example: Example, index: int, source: str | None) -> str:
+    return example.where or f"record {index + 1} of {source or 'the generated data'}"
+
+
+def column_map_problems(data: Any) -> list[str]:
+    """A column map (data.columns, ...) must map schema fields to column names."""
+    problems = []
+    for role in _ROLES.values():
+        key, columns = role[3], data.get(role[3])
+        if columns is None:
+            continue
+        if not isinstance(columns, dict):
+            problems.append(f"data.{key} must map schema fields to column names ({{question: q, answer: a}}), got {columns!r}")
+            continue
+        unknown = sorted(str(f) for f in columns if f not in FIELDS)
+        if unknown:
+            problems.append(f"data.{key}: unknown field(s) {', '.join(unknown)}; the schemas' fields are {', '.join(FIELDS)}")
+        if any(not isinstance(c, str) or not c for c in columns.values()):
+            problems.append(f"data.{key}: every column name must be a non-empty string, got {columns!r}")
+    return problems
+
+
+def data_problems(cfg: dict[str, Any]) -> list[str]:
+    """The first problem of each configured data source, read as the run will read it (no tokenizer,
+    no model): `config.check` reports them beside the config's own. The validation problems are read
+    where an evaluator grades them, the test problems where a study (`cfg["study"]`) tests on them."""
+    data = cfg["data"]
+    if not any(data.get(k) for k in ("train_path", "validation_path", "test_path")):
+        return []  # generated data cannot be malformed
+    try:
+        module = SFTDataModule(**data)
+    except UserError:
+        return []  # values out of range, which the config's range rules name
+    evaluator = (cfg.get("evaluator") or {}).get("enabled", True)
+    reads = [("train_path", module._examples), ("validation_path", lambda: module.validation_problems)]
+    if cfg.get("study") is not None:
+        reads.append(("test_path", lambda: module.test_problems))
+    problems, failed = [], set()
+    for key, read in reads:
+        if not data.get(key) or (key != "train_path" and not evaluator) or data[key] in failed:
+            continue  # (a source that failed for one key is not reported again for the next)
+        try:
+            read()
+        except UserError as err:
+            problems.append(str(err))
+            failed.add(data[key])
+    return problems

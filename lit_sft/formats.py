@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import dataclasses
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -26,6 +27,15 @@ from typing import Any, Callable, TypeVar
 from lit_sft.errors import UserError
 
 SCHEMAS: tuple[str, ...] = ("prompt_response", "problem_answer", "question_answer", "problem_solution")
+FIELDS: tuple[str, ...] = ("prompt", "response", "ground_truth", "problem", "answer", "question", "solution")
+"""Every field a schema reads; a column map (data.columns) may rename any of them."""
+_NEEDS = {
+    "example": {"prompt_response": ("prompt", "response"), "question_answer": ("question", "answer"),
+                "problem_solution": ("problem", "solution")},
+    "problem": {"prompt_response": ("prompt", "ground_truth"), "problem_answer": ("problem", "answer"),
+                "question_answer": ("question", "answer"), "problem_solution": ("problem", "solution")},
+}
+"""The fields a record must have, per use and schema (a table is checked for the columns up front)."""
 _EXPECTED = (
     "prompt+response[+ground_truth], problem+answer, question+answer (answer ending in '#### N'), "
     "problem+solution (answer in \\boxed{})"
@@ -47,6 +57,8 @@ class Example:
     """The text the model learns to produce: " ... </think> <answer>X</answer>" for r1_zero."""
     answer: str | None
     """The ground-truth answer when the record has one (to keep only correct traces, say)."""
+    where: str = dataclasses.field(default="", compare=False)
+    """Where the record is ("file:line", "dataset, row i"), for a message about it after conversion."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,27 @@ class Problem:
     """The r1_zero prompt (ends with "<think>")."""
     answer: str
     """The ground truth: an answer, or a full solution with \\boxed{} (grading accepts both)."""
+
+
+class Fields(dict):
+    """A record's values under the schema's field names, and how messages name each field: by the
+    source's own column (a column map renames `q` to `question`), as a JSONL "field" or a table's
+    "column"."""
+
+    def __init__(self, record: dict, columns: dict[str, str] | None = None, noun: str = "field") -> None:
+        columns = columns or {}
+        # A mapped field hides a column of the same name: the map says which one is meant.
+        values = {k: v for k, v in record.items() if k not in columns}
+        values.update({f: record[c] for f, c in columns.items() if c in record})
+        super().__init__(values)
+        self.columns = columns
+        self.noun = noun
+
+
+def _name(record: dict, field: str) -> str:
+    """How a message names `field` of `record`: "field 'answer'", or "column 'a'" under a map."""
+    columns = getattr(record, "columns", {})
+    return f"{getattr(record, 'noun', 'field')} '{columns.get(field, field)}'"
 
 
 @cache
@@ -153,6 +186,7 @@ def _detect(record: Any, *, where: str) -> str:
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object, got {_json_type(record)}")
     fields = record.keys()
+    noun = getattr(record, "noun", "field")
     # Most specific first: a MATH record may carry both a solution and an answer.
     if "prompt" in fields and "response" in fields:
         return "prompt_response"
@@ -162,7 +196,7 @@ def _detect(record: Any, *, where: str) -> str:
         return "question_answer"
     if "problem" in fields and "answer" in fields:
         return "problem_answer"
-    raise UserError(f"{where}: cannot tell the record schema from its fields {sorted(fields)}; expected {_EXPECTED}")
+    raise UserError(f"{where}: cannot tell the record schema from its {noun}s {sorted(fields)}; expected {_EXPECTED}")
 
 
 def to_example(record: dict, *, where: str) -> Example:
@@ -177,26 +211,66 @@ def to_problem(record: dict, *, where: str) -> Problem:
 
 def load_examples(path: str | Path, schema: str | None = None) -> list[Example]:
     """The SFT examples of a JSON-lines file; `schema` overrides detection from the first record."""
-    return _load(path, schema, _to_example)
+    return examples_from(_jsonl_records(path), str(path), schema)
 
 
 def load_problems(path: str | Path, schema: str | None = None) -> list[Problem]:
     """The validation problems of a JSON-lines file; `schema` overrides detection from the first record."""
-    return _load(path, schema, _to_problem)
+    return problems_from(_jsonl_records(path), str(path), schema)
 
 
-def _load(path: str | Path, schema: str | None, convert: Callable[[dict, str, str], T]) -> list[T]:
-    records = read_jsonl(path)
+def _jsonl_records(path: str | Path) -> list[tuple[str, dict]]:
+    return [(f"{path}:{line}", record) for line, record in read_jsonl(path)]
+
+
+Records = list[tuple[str, dict]]
+"""(where, record) pairs: where is "file:line" or "dataset, row i", named in every message."""
+
+
+def examples_from(records: Records, label: str, schema: str | None = None, *, columns: dict[str, str] | None = None,
+                  table: tuple[str, ...] | None = None, columns_key: str = "a column map") -> list[Example]:
+    """The SFT examples of `records` (from `label`). `columns` maps schema fields to the source's
+    columns; `table` is the source's column names when it is a table (checked up front, and
+    messages then say "column"); `columns_key` is the config key a message suggests for a map."""
+    return _load(records, label, schema, _to_example, "example", columns, table, columns_key)
+
+
+def problems_from(records: Records, label: str, schema: str | None = None, *, columns: dict[str, str] | None = None,
+                  table: tuple[str, ...] | None = None, columns_key: str = "a column map") -> list[Problem]:
+    """The validation problems of `records`; the arguments are those of `examples_from`."""
+    return _load(records, label, schema, _to_problem, "problem", columns, table, columns_key)
+
+
+def _load(records: Records, label: str, schema: str | None, convert: Callable[[dict, str, str], T], use: str,
+          columns: dict[str, str] | None, table: tuple[str, ...] | None, columns_key: str) -> list[T]:
+    noun = "field" if table is None else "column"
+    rows = [(where, Fields(record, columns, noun)) for where, record in records]
+    if not rows:
+        raise UserError(f"{label}: no records")
     if schema is None:
-        first_line, first = records[0]
+        first_where, first = rows[0]
         # One schema per file, so a later record missing a field is reported as such, not as unknown.
-        schema = _detect(first, where=f"{path}:{first_line}")
+        schema = _detect(first, where=first_where if table is None else label)
     elif schema not in SCHEMAS:
-        raise UserError(f"unknown schema {schema!r} for {path}; expected one of {', '.join(SCHEMAS)}")
-    return [convert(record, schema, f"{path}:{line}") for line, record in records]
+        raise UserError(f"unknown schema {schema!r} for {label}; expected one of {', '.join(SCHEMAS)}")
+    if table is not None:
+        _check_columns(rows[0][1], label, schema, use, table, columns_key)
+    return [convert(record, schema, where) for where, record in rows]
+
+
+def _check_columns(first: Fields, label: str, schema: str, use: str, table: tuple[str, ...], columns_key: str) -> None:
+    """A table lacks a column for every row at once: say so once, with the columns it has."""
+    missing = [_name(first, f) for f in _NEEDS[use].get(schema, ()) if f not in first]
+    if missing:
+        raise UserError(f"{label}: no {' or '.join(missing)} (schema {schema}); its columns are {', '.join(table)} "
+                        f"(name the ones to use with {columns_key})")
 
 
 def _to_example(record: dict, schema: str, where: str) -> Example:
+    return dataclasses.replace(_example(record, schema, where), where=where)
+
+
+def _example(record: dict, schema: str, where: str) -> Example:
     if schema == "prompt_response":
         return Example(
             prompt=_text(record, "prompt", schema, where),
@@ -210,7 +284,7 @@ def _to_example(record: dict, schema: str, where: str) -> Example:
     if schema == "problem_solution":
         prompt = r1_zero_prompt(_text(record, "problem", schema, where))
         solution = _text(record, "solution", schema, where)
-        answer = _boxed_answer(solution, where)
+        answer = _boxed_answer(solution, where, _name(record, "solution"))
         return Example(prompt, _r1_zero_response(solution, answer), answer)
     if schema == "problem_answer":
         raise UserError(
@@ -226,7 +300,7 @@ def _to_problem(record: dict, schema: str, where: str) -> Problem:
         prompt = _text(record, "prompt", schema, where)
         answer = _optional_text(record, "ground_truth", schema, where)
         if answer is None:
-            raise UserError(f"{where}: missing field 'ground_truth' (schema prompt_response; a problem needs it)")
+            raise UserError(f"{where}: missing {_name(record, 'ground_truth')} (schema prompt_response; a problem needs it)")
         return Problem(prompt, answer)
     if schema == "problem_answer":
         prompt = r1_zero_prompt(_text(record, "problem", schema, where))
@@ -236,7 +310,7 @@ def _to_problem(record: dict, schema: str, where: str) -> Problem:
         return Problem(prompt, _gsm8k_answer(record, where)[1])
     if schema == "problem_solution":
         prompt = r1_zero_prompt(_text(record, "problem", schema, where))
-        return Problem(prompt, _boxed_answer(_text(record, "solution", schema, where), where))
+        return Problem(prompt, _boxed_answer(_text(record, "solution", schema, where), where, _name(record, "solution")))
     raise UserError(f"unknown schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
 
 
@@ -251,23 +325,25 @@ def _gsm8k_answer(record: dict, where: str) -> tuple[str, str]:
     steps, marker, final = text.rpartition("####")
     final = final.strip()
     if not marker or not final or "\n" in final:
-        raise UserError(f"{where}: field 'answer' does not end with '#### N' (schema question_answer)")
+        raise UserError(f"{where}: {_name(record, 'answer')} does not end with '#### N' (schema question_answer)")
     if _THOUSANDS.fullmatch(final):
         final = final.replace(",", "")
     return _CALCULATOR.sub("", steps).strip(), final
 
 
-def _boxed_answer(solution: str, where: str) -> str:
+def _boxed_answer(solution: str, where: str, name: str = "field 'solution'") -> str:
     answer = last_boxed(solution)
     if answer is None or not answer.strip():
-        raise UserError(f"{where}: field 'solution' has no \\boxed{{...}} answer (schema problem_solution)")
+        raise UserError(f"{where}: {name} has no \\boxed{{...}} answer (schema problem_solution)")
     return answer.strip()
 
 
 def _text(record: dict, field: str, schema: str, where: str) -> str:
     value = _optional_text(record, field, schema, where)
     if value is None:
-        raise UserError(f"{where}: missing field '{field}' (schema {schema})")
+        if getattr(record, "noun", "field") == "column" and field in record:
+            raise UserError(f"{where}: {_name(record, field)} is null (schema {schema})")
+        raise UserError(f"{where}: missing {_name(record, field)} (schema {schema})")
     return value
 
 
@@ -276,9 +352,9 @@ def _optional_text(record: dict, field: str, schema: str, where: str) -> str | N
     if value is None:
         return None
     if not isinstance(value, str):
-        raise UserError(f"{where}: field '{field}' must be a string, got {_json_type(value)} (schema {schema})")
+        raise UserError(f"{where}: {_name(record, field)} must be a string, got {_json_type(value)} (schema {schema})")
     if not value.strip():
-        raise UserError(f"{where}: field '{field}' is empty (schema {schema})")
+        raise UserError(f"{where}: {_name(record, field)} is empty (schema {schema})")
     return value
 
 

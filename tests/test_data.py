@@ -61,7 +61,7 @@ def test_truncation_is_counted_or_refused(tiny_model_path, tmp_path):
 def test_prompt_longer_than_max_length_is_a_user_error(tiny_model_path, tmp_path):
     records = _records(20)
     records[5]["prompt"] = "User: " + "long question " * 100 + "\nAssistant: <think>"
-    with pytest.raises(UserError, match=r"record 6 .*prompt is \d+ tokens"):
+    with pytest.raises(UserError, match=r"sft\.jsonl:6: prompt is \d+ tokens"):
         _dm(tiny_model_path, train_path=_write(tmp_path / "sft.jsonl", records), max_length=64).setup("fit")
 
 

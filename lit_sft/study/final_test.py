@@ -22,6 +22,9 @@ from lit_sft.study import report
 from lit_sft.study.config import StudyConfig
 
 ATTR = "final_test"
+SKIPPED = "final_test_skipped"
+"""Study attr: why the best trial has no final test (no test set, no evaluator), for the report."""
+NO_TEST_SET = "no test set is configured: set data.test_path (problems no trial and no selection step sees)"
 READY_TIMEOUT_S = 900.0
 GRADE_TIMEOUT_S = 3600.0
 """Bounds for loading the best model and grading the test set (a 1.5B model on 500 problems
@@ -40,13 +43,15 @@ def needs_grading(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 def run_final_test(study: optuna.Study, cfg: dict[str, Any], study_cfg: StudyConfig) -> dict[str, Any] | None:
     """Grade the best model on the test problems, store and return the result (None: nothing to do)."""
     best = needs_grading(study)
-    if best is None or not cfg["evaluator"]["enabled"]:
+    if best is None:
         return None
+    if not cfg["evaluator"]["enabled"]:
+        return _skip(study, "evaluator.enabled is false: no evaluator grades a test set")
     from lit_sft.data import SFTDataModule
 
     problems = SFTDataModule(**cfg["data"]).test_problems
     if not problems:
-        return None  # real data without data.test_path: the report says there is no test set
+        return _skip(study, NO_TEST_SET)  # real data without data.test_path
     source = cfg["data"].get("test_path") or "generated test split"
     model_dir = study_cfg.results_path / report.BEST_MODEL_DIR
     problem = _best_model_problem(model_dir, study.study_name, best.number, study_cfg)
@@ -55,6 +60,12 @@ def run_final_test(study: optuna.Study, cfg: dict[str, Any], study_cfg: StudyCon
     study.set_user_attr(ATTR, outcome)
     print(_line(outcome, best), flush=True)
     return outcome
+
+
+def _skip(study: optuna.Study, reason: str) -> None:
+    """No final test: stored for the report, whose console lines and REPORT.md say why (never silent)."""
+    study.set_user_attr(SKIPPED, reason)
+    return None
 
 
 def _best_model_problem(model_dir: Path, study_name: str, number: int, study_cfg: StudyConfig) -> str | None:

@@ -205,6 +205,8 @@ def _baseline(summary: dict[str, Any]) -> str | None:
 def _final_test(summary: dict[str, Any]) -> str:
     """Only what the best trial's table cannot say: a failed or a stale final test."""
     test = summary.get("test_accuracy")
+    if not test and summary.get("test_skipped"):
+        return f"## Final test\n\nNone: {summary['test_skipped']}."
     if not test or (not test["stale"] and not test.get("error")):
         return ""
     if test.get("error"):

@@ -97,6 +97,8 @@ def _closing_lines(summary: dict[str, Any]) -> Iterable[str]:
     test = summary.get("test_accuracy")
     if test is not None:
         yield f"final test: {format_test(test)}"
+    elif summary.get("test_skipped"):
+        yield f"final test: none: {summary['test_skipped']}"
     for failure in summary["failures"]:
         yield f"failed: trial {failure['number']} ({failure['reason']}): {failure['error']}"
     if summary["best_model"]:

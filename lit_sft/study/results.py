@@ -318,6 +318,7 @@ def summarize(study: optuna.Study, *, metric: str, n_trials: int | None, results
         "tied_with_best": mark_ties(rows, best_row["number"] if best_row else None),
         "param_scales": param_scales(trials),
         "test_accuracy": final_test(study, best.number if best else None),
+        "test_skipped": None,
         "baseline": baseline_summary(rows, trials, best_row["number"] if best_row else None),
         "best_model": None,
         "rungs": rungs,
@@ -326,6 +327,8 @@ def summarize(study: optuna.Study, *, metric: str, n_trials: int | None, results
         "trials": rows,
         "failures": [{"number": r["number"], "reason": r["reason"], "error": r["error"]} for r in rows if r["state"] == "FAIL"],
     }
+    if summary["test_accuracy"] is None and best is not None:
+        summary["test_skipped"] = study.user_attrs.get("final_test_skipped")  # why there is no test (study/final_test.py)
     marker = Path(results_dir) / BEST_MODEL_DIR / BEST_MODEL_MARKER
     if best is not None and marker.is_file():
         saved = json.loads(marker.read_text())
