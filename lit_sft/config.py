@@ -162,7 +162,10 @@ def parse(argv: list[str] | None = None, tune: bool = False) -> dict[str, Any]:
     given = config_paths(argv)
     for path in given or [str(DEFAULT_CONFIGS[tune])]:
         check_yaml(path)
-    parser = build_parser(tune, default_config=None if given else DEFAULT_CONFIGS[tune])
+    # A --config goes on top of the embedded default (configs/tune.yaml or sft.yaml), so a partial
+    # file changes only what it names; the shipped configs set every key they depend on
+    # (tests/test_cli_defaults.py checks the reference configs come out the same either way).
+    parser = build_parser(tune, default_config=DEFAULT_CONFIGS[tune])
     try:
         namespace = parser.parse_args(argv)
     except (ArgumentError, ValueError, TypeError) as err:
@@ -174,6 +177,10 @@ def parse(argv: list[str] | None = None, tune: bool = False) -> dict[str, Any]:
         raise UserError("budget.total_examples: a study's budget (tune.py); train.py runs one configuration "
                         "for budget.examples")
     check(cfg)
+    if given:
+        base = DEFAULT_CONFIGS[tune].relative_to(PROJECT_CONFIGS.parent)
+        print(f"config: {', '.join(given)} over {base} (what a file leaves out keeps {base}'s value; "
+              "--print_config shows all)", flush=True)
     return cfg
 
 

@@ -74,3 +74,38 @@ def test_shipped_configs_are_found_from_any_folder(tmp_path, monkeypatch):
     assert (PROJECT_ROOT / "lit_sft" / "__init__.py").is_file()
     path = StudyConfig(search_space="configs/search_space_tiny.yaml").search_space_path()
     assert path == PROJECT_ROOT / "configs" / "search_space_tiny.yaml"
+
+
+def _flat(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif key not in ("config", "__default_config__"):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_a_partial_config_goes_on_top_of_the_embedded_default(tmp_path, capsys):
+    partial = tmp_path / "mine.yaml"
+    partial.write_text("model:\n  learning_rate: 0.001\n")
+    cfg = parse(["--config", str(partial)], tune=True)
+    shipped = _shipped(True)
+    assert cfg["model"]["learning_rate"] == 0.001
+    # Everything else is configs/tune.yaml's, not the code's defaults (20 trials, study lit-sft, no budget).
+    assert cfg["study"]["name"] == shipped["study"]["name"] == "tiny-math"
+    assert cfg["study"]["search_space"] == shipped["study"]["search_space"]
+    assert cfg["budget"]["total_examples"] == shipped["budget"]["total_examples"] and cfg["study"]["n_trials"] is None
+    assert f"config: {partial} over configs/tune.yaml" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, tune", [("tune", True), ("sft", False)])
+def test_the_reference_configs_come_out_as_they_did_before_defaults_were_layered(name, tune):
+    """Every key the reference configs depend on is set in them: on top of the embedded default
+    they give exactly what they gave on the code's defaults alone."""
+    from lit_sft.config import DEFAULT_CONFIGS, build_parser
+
+    argv = ["--config", str(ROOT / "configs" / "qwen2.5-math-1.5b" / f"{name}.yaml")]
+    alone = _flat(build_parser(tune, default_config=None).parse_args(argv).as_dict())
+    layered = _flat(build_parser(tune, default_config=DEFAULT_CONFIGS[tune]).parse_args(argv).as_dict())
+    assert {k: v for k, v in layered.items() if alone.get(k) != v} == {}

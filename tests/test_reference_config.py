@@ -54,14 +54,16 @@ def test_the_reference_study_runs_end_to_end_on_cpu_with_its_final_test(tiny_mod
         "--model.model_name_or_path", tiny_model_path, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
         "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
         "--data.train_path", train, "--data.validation_path", train, "--data.test_path", test,
-        # Lengths cut down: 500 validation problems, 1024 new tokens, 50,000 steps, 20 trials.
+        # Lengths cut down: 500 validation problems, 1024 new tokens, 34,560 examples a trial, a budget of
+        # 20 trials' examples (the rungs stay at R/9 and R/3, the baseline trial first).
         "--data.num_validation_problems", "8", "--data.num_test_problems", "12", "--evaluator.num_problems", "8",
-        "--evaluator.max_new_tokens", "8", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-        "--study.n_trials", "2", "--study.results_dir", str(results), "--study.search_space", str(ROOT / "configs/search_space.yaml"),
+        "--evaluator.max_new_tokens", "8", "--budget.examples", "576", "--budget.eval_every_examples", "64",
+        "--budget.total_examples", "900", "--study.results_dir", str(results), "--study.search_space", str(ROOT / "configs/search_space.yaml"),
         "--output_dir", str(tmp_path / "out"), "--wandb.save_dir", str(tmp_path / "wandb"),
     ]
     cfg = parse(argv, tune=True)
     shipped = yaml.safe_load((REFERENCE / "tune.yaml").read_text())
+    assert cfg["study"]["n_trials"] is None and cfg["study"]["pruner"]["min_resource"] is None  # as shipped
     for key in ("max_length", "micro_batch_size", "eval_size", "schema", "validation_schema", "test_schema", "train_split", "validation_split", "test_split"):
         assert cfg["data"][key] == shipped["data"][key], key  # the rest runs as shipped
     import wandb
@@ -73,8 +75,10 @@ def test_the_reference_study_runs_end_to_end_on_cpu_with_its_final_test(tiny_mod
     finally:
         # W&B runs in this process export WANDB_SERVICE: a later test's subprocess would join this service.
         wandb.teardown()
-    assert summary["counts"].get("complete", 0) + summary["counts"].get("pruned", 0) == 2
+    assert summary["counts"].get("complete", 0) + summary["counts"].get("pruned", 0) >= 2
     assert {t["params"]["batch_size"] for t in summary["trials"]} <= {32, 64, 128, 256}
+    assert summary["baseline"]["params"] == {"learning_rate": 2e-5, "batch_size": 64, "weight_decay": 0.0}
+    assert 900 <= summary["budget"]["spent_examples"] < 900 + 768  # + one trial: 3 steps at batch 256
     test_result = summary["test_accuracy"]
     assert test_result is not None and "error" not in test_result, test_result
     assert test_result["n"] == 12 and test_result["source"] == test
