@@ -177,7 +177,7 @@ def parse(argv: list[str] | None = None, tune: bool = False) -> dict[str, Any]:
         raise UserError("budget.total_examples: a study's budget (tune.py); train.py runs one configuration "
                         "for budget.examples")
     check(cfg)
-    if given:
+    if any(Path(path).resolve() != DEFAULT_CONFIGS[tune] for path in given):
         base = DEFAULT_CONFIGS[tune].relative_to(PROJECT_CONFIGS.parent)
         print(f"config: {', '.join(given)} over {base} (what a file leaves out keeps {base}'s value; "
               "--print_config shows all)", flush=True)
