@@ -18,6 +18,7 @@ from lit_sft.available import has_module
 from lit_sft.config import apply_budget, check, complete
 from lit_sft.data import SFTDataModule
 from lit_sft.evaluator.launch import start_evaluator
+from lit_sft.evaluator.remote import check_server
 from lit_sft.metrics import EVALUATOR_FIGURES, evaluator_figure
 from lit_sft.module import SFTModule
 from lit_sft.stats import accuracy_interval
@@ -147,6 +148,8 @@ def train(
     """
     cfg = complete(cfg, tune="study" in cfg)
     check(cfg, other_rank=other_rank)  # before the model loads or a W&B run exists
+    if evaluator is None and not other_rank:
+        check_server(cfg)  # with evaluator.address: it answers, takes our key, grades our problems
     cfg = apply_budget(cfg)
     pl.seed_everything(cfg["seed_everything"], workers=True, verbose=False)
     model = SFTModule(**cfg["model"])
