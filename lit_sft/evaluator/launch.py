@@ -36,12 +36,13 @@ def start_evaluator(cfg: dict[str, Any], *, problems: list | None = None, model_
     return client
 
 
-def start_remote(cfg: dict[str, Any], problems: list, *, test: bool = False):
+def start_remote(cfg: dict[str, Any], problems: list, *, test: bool = False, name: str | None = None):
     """A connected RemoteEvaluatorClient: the trials' checkpoints on the validation problems, or
     (`test`) the final test's best model on the test problems, whose file the server must keep.
 
     The server holds the model trained from; the final test posts the best model's weights file,
-    which the engine swaps in like any checkpoint.
+    which the engine swaps in like any checkpoint. `name`: how the server's log and status show
+    this client (default HOST:PID).
     """
     from lit_sft.evaluator.keys import load_key
     from lit_sft.evaluator.remote import RemoteEvaluatorClient
@@ -58,6 +59,7 @@ def start_remote(cfg: dict[str, Any], problems: list, *, test: bool = False):
         max_new_tokens=int(evaluator["max_new_tokens"]),
         connect_timeout_s=float(evaluator.get("connect_timeout_s", 60.0)),
         delete_files=not test,
+        name=name,
     )
     client.start()
     return client

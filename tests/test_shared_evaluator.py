@@ -1,0 +1,322 @@
+"""The shared evaluator server: real server processes on the tiny model, real clients, real files.
+
+The server is `python -m lit_sft.evaluator serve` as a user starts it; clients are the
+RemoteEvaluatorClient that train.py and tune.py use, in this process or in processes of their
+own, and whole `tune.py` workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from lit_sft.errors import UserError
+from lit_sft.evaluator import EvaluatorWarning
+from lit_sft.evaluator.keys import KEY_ENV, address_problem, load_key, parse_address
+from lit_sft.evaluator.remote import RemoteEvaluatorClient, ServerRefused, check_server, connect, request
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key-0123456789abcdef"
+DATA_ARGS = ["--data.num_generated", "160", "--data.eval_size", "16", "--data.num_validation_problems", "8", "--data.max_length", "128"]
+EVAL_ARGS = ["--evaluator.max_new_tokens", "16", "--evaluator.batch_size", "8"]
+READY_TIMEOUT_S = 180.0
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, KEY_ENV: KEY, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+class Server:
+    """A `python -m lit_sft.evaluator serve` process and its log."""
+
+    def __init__(self, model_path: str, address: str, log: Path, *extra: str) -> None:
+        self.address, self.log = address, log
+        argv = [sys.executable, "-m", "lit_sft.evaluator", "serve", "--model.model_name_or_path", model_path,
+                *DATA_ARGS, *EVAL_ARGS, "--evaluator.address", address, *extra]
+        with open(log, "a") as out:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def wait_for(self, needle: str, timeout_s: float = READY_TIMEOUT_S, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.text().count(needle) < count:
+            assert self.proc.poll() is None, f"server exited {self.proc.returncode}:\n{self.text()}"
+            assert time.monotonic() < deadline, f"no {needle!r} within {timeout_s} s:\n{self.text()}"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def status(address: str) -> dict:
+    conn = connect(address, KEY.encode())
+    try:
+        return request(conn, {"kind": "status"}, address)
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_model_path: str) -> dict:
+    """The parsed config of a tune.py worker on the server's model and data."""
+    from lit_sft.config import parse
+
+    return parse(["--model.model_name_or_path", tiny_model_path, *DATA_ARGS, *EVAL_ARGS], tune=True)
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real checkpoint of the tiny model (copies of it are posted)."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_sft.weights import save_weights
+
+    return save_weights(AutoModelForCausalLM.from_pretrained(tiny_model_path), tmp_path_factory.mktemp("w") / "base.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory):
+    os.environ[KEY_ENV] = KEY  # this process's clients read it as train.py would
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    srv = Server(tiny_model_path, f"127.0.0.1:{free_port()}", log)
+    try:
+        srv.wait_for("engine ready")
+        yield srv
+    finally:
+        srv.stop()
+        os.environ.pop(KEY_ENV, None)
+
+
+def client(cfg: dict, address: str, name: str, test: bool = False) -> RemoteEvaluatorClient:
+    from lit_sft.data import SFTDataModule
+    from lit_sft.evaluator.launch import start_remote
+
+    data = SFTDataModule(**cfg["data"])
+    return start_remote({**cfg, "evaluator": {**cfg["evaluator"], "address": address}},
+                        data.test_problems if test else data.validation_problems, test=test, name=name)
+
+
+def copies(weights: Path, folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(weights, folder / f"ckpt-{i}.safetensors")) for i in range(n)]
+
+
+# ---- address and key ---------------------------------------------------------------------------
+
+
+def test_addresses_and_keys_are_checked_before_anything_connects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_address("127.0.0.1:5711") == ("127.0.0.1", 5711)
+    assert parse_address(":5711") == ("127.0.0.1", 5711), "no host: loopback"
+    assert parse_address("[::1]:5711") == ("::1", 5711)
+    assert address_problem("host") and address_problem("host:0") and address_problem("host:70000")
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(UserError, match="needs a key: set LIT_SFT_EVALUATOR_KEY or evaluator.key_file"):
+        load_key(None)
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    key_file.chmod(0o644)
+    with pytest.raises(UserError, match=r"can be read by others \(mode 644\); chmod 600"):
+        load_key(str(key_file))
+    key_file.chmod(0o600)
+    assert load_key(str(key_file)) == KEY.encode()
+    monkeypatch.setenv(KEY_ENV, "short")
+    with pytest.raises(UserError, match=f"{KEY_ENV}: the key is shorter than 16 bytes"):
+        load_key(str(key_file))
+    from lit_sft.evaluator import EvaluatorConfig
+
+    with pytest.raises(UserError, match="evaluator.address: 'nohost' is not HOST:PORT"):
+        EvaluatorConfig(address="nohost")
+
+
+# ---- one server, clients in this process -------------------------------------------------------
+
+
+def test_status_answers_and_a_wrong_key_is_refused(server: Server) -> None:
+    ok = subprocess.run([sys.executable, "-m", "lit_sft.evaluator", "status", "--evaluator.address", server.address],
+                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert f"server: {server.address} pid {server.proc.pid}, transformers on cpu, engine ready" in ok.stdout
+    assert "jobs served:" in ok.stdout and "clients:" in ok.stdout
+    wrong = subprocess.run([sys.executable, "-m", "lit_sft.evaluator", "status", "--evaluator.address", server.address],
+                           cwd=ROOT, env=env(**{KEY_ENV: "not-the-key-0123456789"}), capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().startswith("error: evaluator.address:") and "refused the key" in wrong.stderr
+    assert "not-the-key" not in wrong.stderr + wrong.stdout
+    server.wait_for("refused a connection: wrong key")
+    assert KEY not in server.text() and "not-the-key" not in server.text()
+    with pytest.raises(ServerRefused, match="refused the key"):
+        connect(server.address, b"another-wrong-key-000")
+    nobody = subprocess.run([sys.executable, "-m", "lit_sft.evaluator", "status", "--evaluator.address", f"127.0.0.1:{free_port()}"],
+                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+    assert nobody.returncode == 1 and "no evaluator server answers" in nobody.stderr
+
+
+def test_a_client_with_other_problems_or_model_is_refused(server: Server, cfg: dict, tmp_path: Path) -> None:
+    mine = {**cfg, "evaluator": {**cfg["evaluator"], "address": server.address, "connect_timeout_s": 5.0}}
+    check_server(mine, test=True)  # the same model and problems: accepted, both sets
+    fewer = {**mine, "evaluator": {**mine["evaluator"], "num_problems": 4}}
+    with pytest.raises(UserError, match=r"refused this run: its validation problems differ \(4 problems here, 8 on the server"):
+        check_server(fewer)
+    from lit_sft.tiny import build_tiny_model
+
+    other = tmp_path / "other-model"
+    build_tiny_model(other, num_hidden_layers=1, hidden_size=64)
+    with pytest.raises(UserError, match="refused this run: its model is .*other-model, the server's is"):
+        check_server({**mine, "model": {**mine["model"], "model_name_or_path": str(other)}})
+    longer = {**mine, "evaluator": {**mine["evaluator"], "max_new_tokens": 64}}
+    with pytest.raises(UserError, match="max_new_tokens is 64, the server's 16"):
+        check_server(longer)
+
+
+def test_jobs_are_graded_on_the_set_they_name_round_robin_and_cancels_touch_only_their_client(
+    server: Server, cfg: dict, weights: Path, tmp_path: Path
+) -> None:
+    busy = client(cfg, server.address, "busy")
+    other = client(cfg, server.address, "other")
+    tester = client(cfg, server.address, "tester", test=True)
+    try:
+        busy_jobs = [busy.post("busy", i, i, str(p)) for i, p in enumerate(copies(weights, tmp_path / "busy", 8))]
+        other_job = other.post("other", 0, 0, str(copies(weights, tmp_path / "other", 1)[0]))
+        # Every posted job is queued, running or served (once all have crossed the socket): the
+        # queue depth per client is real.
+        deadline = time.monotonic() + 10
+        while True:
+            mid = status(server.address)
+            busy_row = next(c for c in mid["clients"] if c["name"] == "busy")
+            running = mid["running"] is not None and mid["running"]["client"] == "busy"
+            if busy_row["queued"] + busy_row["served"] + running == 8 or time.monotonic() > deadline:
+                break
+        assert busy_row["queued"] + busy_row["served"] + running == 8, mid
+        (first,) = other.wait(60, jobs=[other_job])
+        busy_done = 8 - len(busy.outstanding) - len(busy.poll())
+        # Round robin: the other client's one job came after at most the job running when it
+        # arrived and the next in turn, not after busy's whole backlog.
+        assert first["status"] == "ok" and first["num_problems"] == 8, first
+        assert len(busy.outstanding) >= 5, f"other's job waited for {busy_done} of busy's jobs"
+        # busy gives up on its jobs: other's are untouched, and the server skips busy's queue.
+        other_jobs = [other.post("other", i, i, str(p)) for i, p in enumerate(copies(weights, tmp_path / "other2", 2), 1)]
+        busy.cancel(busy_jobs)
+        assert busy.outstanding == []
+        results = other.wait(60, jobs=other_jobs)
+        assert [r["status"] for r in results] == ["ok", "ok"]
+        # The final test's client is graded on the test problems.
+        (graded,) = tester.wait(60, jobs=[tester.post("final-test", 0, 0, str(weights))])
+        assert graded["status"] == "ok" and graded["num_problems"] == server_sets(server)["test"] > 8
+        assert weights.exists(), "the final test's file is not the server's to delete"
+        late = busy.wait(3)
+        assert late == [], "a cancelled job's result must not come back"
+        after = {c["name"]: c for c in status(server.address)["clients"]}
+        assert after["busy"]["queued"] == 0 and after["busy"]["served"] < 8
+        assert after["other"]["served"] == 3 and after["other"]["mean_wait_s"] is not None
+    finally:
+        for c in (busy, other, tester):
+            c.stop()
+
+
+def server_sets(server: Server) -> dict:
+    return status(server.address)["sets"]
+
+
+def test_a_killed_client_has_its_queue_dropped_and_its_weight_files_removed(
+    server: Server, cfg: dict, weights: Path, tmp_path: Path
+) -> None:
+    from lit_sft.data import SFTDataModule
+
+    files = copies(weights, tmp_path / "doomed", 6)
+    problems = [[p.prompt, p.answer] for p in SFTDataModule(**cfg["data"]).validation_problems][:8]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"address": server.address, "model": cfg["model"]["model_name_or_path"], "problems": problems,
+                                "files": [str(f) for f in files]}))
+    script = textwrap.dedent(f"""
+        import json, os, signal
+        from lit_sft.evaluator.keys import load_key
+        from lit_sft.evaluator.remote import RemoteEvaluatorClient
+        s = json.load(open({str(spec)!r}))
+        c = RemoteEvaluatorClient(s["address"], load_key(None), s["model"], [tuple(p) for p in s["problems"]],
+                                  max_new_tokens=16, name="doomed")
+        c.start()
+        for i, f in enumerate(s["files"]):
+            c.post("doomed", i, i, f)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    server.wait_for("client doomed disconnected without a goodbye", timeout_s=30)
+    deadline = time.monotonic() + 30
+    while any(f.exists() for f in files) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(f.exists() for f in files), [f.name for f in files if f.exists()]
+    assert "doomed" not in {c["name"] for c in status(server.address)["clients"]}
+
+
+# ---- the server dies ---------------------------------------------------------------------------
+
+
+def test_a_killed_server_costs_missing_results_and_a_restarted_one_serves_the_next_post(
+    tiny_model_path: str, cfg: dict, weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    address = f"127.0.0.1:{free_port()}"
+    first = Server(tiny_model_path, address, tmp_path / "server.log")
+    try:
+        first.wait_for("engine ready")
+        c = client(cfg, address, "trainer")
+        paths = copies(weights, tmp_path / "ckpt", 6)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            jobs = [c.post("run", i, i, str(p)) for i, p in enumerate(paths[:4])]
+            first.proc.kill()
+            first.proc.wait()
+            results = c.wait(30, jobs=jobs)
+            down = c.post("run", 4, 4, str(paths[4]))  # nobody listens: missing at once, no new warning
+            results += c.poll()
+        by_job = {r["job"]: r for r in results}
+        assert set(by_job) == {*jobs, down}, "every job is answered: ok before the kill, missing after"
+        assert by_job[down]["status"] == "missing" and "no evaluator server answers" in by_job[down]["error"]
+        assert any(r["status"] == "missing" for r in results)
+        gone = [w for w in caught if issubclass(w.category, EvaluatorWarning)]
+        assert len(gone) == 1 and "went away" in str(gone[0].message) and "training goes on" in str(gone[0].message)
+        second = Server(tiny_model_path, address, tmp_path / "server.log")  # the same port, at once
+        try:
+            second.wait_for("listening on", count=2)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                job = c.post("run", 5, 5, str(paths[5]))
+                (result,) = c.wait(READY_TIMEOUT_S, jobs=[job])
+            assert result["status"] == "ok", result
+            assert any("answers again" in str(w.message) for w in caught)
+            assert c.pid == second.proc.pid
+        finally:
+            c.stop()
+            second.stop()
+    finally:
+        first.stop()
