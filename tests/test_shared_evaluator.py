@@ -320,3 +320,143 @@ def test_a_killed_server_costs_missing_results_and_a_restarted_one_serves_the_ne
             second.stop()
     finally:
         first.stop()
+
+
+# ---- two tune.py workers and one server ---------------------------------------------------------
+
+
+def descendants(pid: int) -> list[str]:
+    """Command lines of every live descendant of `pid` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        for child in frontier:
+            try:
+                found.append(Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:
+                pass
+    return found
+
+
+class Watcher:
+    """Samples the process trees of some processes while they run: which ones are evaluators."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.pids: list[int] = []
+        self.evaluators: set[str] = set()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for pid in list(self.pids):
+                # A spawned multiprocessing child is what EvaluatorClient starts.
+                self.evaluators |= {c for c in descendants(pid) if "spawn_main" in c}
+            self.samples += 1
+
+
+def shared_tune_argv(tiny_model_path: str, results: Path, address: str, n_trials: int, max_steps: int, interval: int = 2) -> list[str]:
+    from tests.test_workers import tune_argv
+
+    return tune_argv(tiny_model_path, results, "shared", "--study.n_trials", str(n_trials), "--study.save_best_model", "true",
+                     "--evaluator.enabled", "true", "--evaluator.address", address, *EVAL_ARGS, max_steps=max_steps, interval=interval)
+
+
+def graded(trial) -> bool:
+    return "accuracy" in trial.user_attrs and "evaluations_missing" not in trial.user_attrs
+
+
+@pytest.mark.slow
+def test_two_tune_workers_share_one_server_and_start_no_evaluator_of_their_own(tiny_model_path: str, tmp_path: Path) -> None:
+    import optuna
+
+    from tests.helpers import sqlite_url
+    from tests.test_workers import finish_workers, start_workers
+
+    address = f"127.0.0.1:{free_port()}"
+    srv = Server(tiny_model_path, address, tmp_path / "server.log")
+    results = tmp_path / "results"
+    try:
+        srv.wait_for("engine ready")
+        argv = shared_tune_argv(tiny_model_path, results, address, n_trials=4, max_steps=6)
+        with Watcher() as watcher:
+            procs = start_workers([argv, argv], tmp_path, env=env())
+            watcher.pids = [p.pid for p in procs] + [srv.proc.pid]
+            outputs = finish_workers(procs, tmp_path, timeout_s=600)
+        served = status(address)
+    finally:
+        srv.stop()
+    assert watcher.samples > 5 and watcher.evaluators == set(), watcher.evaluators
+    study = optuna.load_study(study_name="shared", storage=sqlite_url(results))
+    trials = study.trials
+    assert len(trials) == 4 and all(graded(t) for t in trials), [t.user_attrs for t in trials]
+    # Both workers were the server's clients; it graded every evaluation and the final test.
+    for proc in procs:
+        assert f":{proc.pid} connected (validation problems)" in srv.text()
+    histories = [json.loads(p.read_text()) for p in results.glob("trials/shared/trial-*/history.json")]
+    evaluations = sum(len(h["evaluations"]) for h in histories)
+    assert len(histories) == 4 and all(e["status"] == "ok" for h in histories for e in h["evaluations"])
+    final = study.user_attrs["final_test"]
+    assert "error" not in final and final["n"] == served["sets"]["test"], final
+    # Each worker grades the best model at its end unless the other has stored it already.
+    final_tests = srv.text().count("connected (test problems)")
+    assert 1 <= final_tests <= 2 and served["served"] == evaluations + final_tests and evaluations >= 4, (served, outputs)
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_study_and_restarted_grades_the_trials_after_it(tiny_model_path: str, tmp_path: Path) -> None:
+    import optuna
+
+    from tests.helpers import sqlite_url
+    from tests.test_workers import finish_workers, start_workers
+
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "server.log"
+    first = Server(tiny_model_path, address, log)
+    results = tmp_path / "results"
+    second = None
+    try:
+        first.wait_for("engine ready")
+        # Trials long enough that some start after the new server (seconds to import) listens.
+        argv = shared_tune_argv(tiny_model_path, results, address, n_trials=12, max_steps=60, interval=10)
+        procs = start_workers([argv, argv], tmp_path, env=env())
+        deadline = time.monotonic() + 300
+        while status(address)["served"] < 2:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), first.text()
+            time.sleep(0.3)
+        first.proc.kill()  # SIGKILL mid-study
+        first.proc.wait()
+        second = Server(tiny_model_path, address, log)  # the same port, at once
+        second.wait_for("engine ready", count=2)  # under two trainers' load it takes tens of seconds
+        restarted = time.time()
+        outputs = finish_workers(procs, tmp_path, timeout_s=600)
+    finally:
+        for srv in (first, second):
+            if srv is not None:
+                srv.stop()
+    study = optuna.load_study(study_name="shared", storage=sqlite_url(results))
+    trials = study.trials
+    assert len(trials) == 12 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    later = [t for t in trials if t.datetime_start.timestamp() > restarted]
+    assert later and all(graded(t) for t in later), [(t.number, t.user_attrs) for t in later]
+    # Each worker warned once at most about the outage, and kept training.
+    assert all(out.count("went away") <= 1 for out in outputs) and any("went away" in out for out in outputs), outputs
+    assert "error" not in study.user_attrs["final_test"]
