@@ -191,6 +191,7 @@ def train(
     result["batch_size"] = int(data.hparams.batch_size)
     if poster is not None:
         result["evaluator_blocked_s"] = poster.blocked_s
+        result["evaluator_blocked"] = dict(poster.blocked)  # by kind: post, poll, final_wait
         result["poster_received_at_step"] = dict(poster.received_at_step)
     result["data"] = {"examples": data.stats.examples, "truncated": data.stats.truncated, "dropped": data.stats.dropped, "filtered_wrong": data.stats.filtered_wrong}
     if keep_best_weights:

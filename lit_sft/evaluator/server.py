@@ -10,7 +10,8 @@ that client's queue; the main thread owns the engine and runs one job at a time 
 generate, grade: never interleaved with another job), taking the clients' queues in turn (round
 robin), so one trainer's backlog never starves another. A client's cancel or goodbye touches only
 its own queue. A client that disconnects without a goodbye (killed) has its queued jobs dropped
-and their weight files deleted.
+and their weight files deleted. Results have the worker's shape plus `queued_s`, the seconds the
+job waited in its queue before the engine took it.
 """
 
 from __future__ import annotations
@@ -243,6 +244,7 @@ class EvaluatorServer:
                 continue
             client, job = taken
             result = worker.evaluate(backend, dataclasses.replace(self.spec, problems=self.sets[job["problems"]]), job)
+            result["queued_s"] = job["queued_s"]  # a server result's one extra figure: its wait in the queue
             self._deliver(client, job, result)
             if not backend.healthy:
                 # A failed swap left weights that are no file's; a fresh engine answers the next job.
@@ -274,7 +276,7 @@ class EvaluatorServer:
                         client = self._clients[cid]
                         if client.queue:
                             job = client.queue.popleft()
-                            waited = time.monotonic() - job.pop("arrived")
+                            waited = job["queued_s"] = time.monotonic() - job.pop("arrived")
                             client.waited_s += waited
                             self._waited_s += waited
                             self._last_served = cid
