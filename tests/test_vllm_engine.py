@@ -430,3 +430,40 @@ def test_tune_with_the_vllm_evaluator_grades_every_trial(tmp_path) -> None:
         statuses = [e["status"] for e in history["evaluations"]]
         assert statuses and set(statuses) == {"ok"}, (trial["number"], [e["error"] for e in history["evaluations"]])
     assert "evaluation of run" not in proc.stderr  # CheckpointPoster's warning for a failed evaluation
+
+
+# -- the shared evaluator server on vLLM -----------------------------------------------------------
+
+
+def test_the_shared_server_grades_on_the_vllm_engine_as_transformers_does(models, tmp_path, monkeypatch) -> None:
+    """`python -m lit_sft.evaluator serve` with the vLLM backend: a posted checkpoint is graded
+    with the same figures as a transformers evaluator gives it (float32, greedy)."""
+    from lit_sft.config import parse
+    from lit_sft.evaluator import EvaluatorClient, EvaluatorConfig
+    from lit_sft.evaluator.keys import KEY_ENV
+    from tests.test_shared_evaluator import DATA_ARGS, EVAL_ARGS, KEY, Server, client, free_port
+
+    model = models["tied"]
+    monkeypatch.setenv(KEY_ENV, KEY)
+    cfg = parse(["--model.model_name_or_path", model.path, *DATA_ARGS, *EVAL_ARGS], tune=True)
+    address = f"127.0.0.1:{free_port()}"
+    server = Server(model.path, address, tmp_path / "server.log", "--evaluator.backend", "vllm", "--evaluator.device", "cpu",
+                    "--evaluator.kv_cache_memory_bytes", str(KV_CACHE_BYTES))
+    try:
+        server.wait_for("engine ready: vllm on cpu", timeout_s=LOAD_TIMEOUT_S)
+        remote = client(cfg, address, "vllm-client")
+        try:
+            (shared,) = remote.wait(LOAD_TIMEOUT_S, jobs=[remote.post("run", 1, 1, str(model.trained))])
+        finally:
+            remote.stop()
+    finally:
+        server.stop()
+    from lit_sft.data import SFTDataModule
+
+    problems = SFTDataModule(**cfg["data"]).validation_problems
+    config = EvaluatorConfig(backend="transformers", device="cpu", num_problems=len(problems), max_new_tokens=16, batch_size=8)
+    with EvaluatorClient(model.path, problems, config) as local:
+        (alone,) = local.wait(LOAD_TIMEOUT_S, jobs=[local.post("run", 1, 1, str(model.trained))])
+    assert shared["status"] == "ok" and alone["status"] == "ok", (shared, alone)
+    figures = ("accuracy", "correct", "wrong_answer", "format_failure", "num_problems", "mean_response_length")
+    assert {k: shared[k] for k in figures} == {k: alone[k] for k in figures}

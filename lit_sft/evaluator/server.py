@@ -130,7 +130,12 @@ class EvaluatorServer:
             self._send(conn, threading.Lock(), {"kind": "status", **self.status()})
             conn.close()
             return
-        client = self._welcome(conn, first)
+        try:
+            client = self._welcome(conn, first)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            self._send(conn, threading.Lock(), {"kind": "refused", "error": "malformed hello (a client of another lit-sft version?)"})
+            conn.close()
+            return
         if client is not None:
             self._read(client)
 
@@ -190,6 +195,9 @@ class EvaluatorServer:
                 elif kind == "job":
                     self._enqueue(client, message)
         except (EOFError, OSError):
+            self._drop(client, killed=True)
+        except Exception as err:  # noqa: BLE001 - a malformed message: this client is done, the server is not
+            self._log(f"client {client.name} sent a malformed message ({type(err).__name__}); disconnecting it")
             self._drop(client, killed=True)
 
     def _enqueue(self, client: _Client, job: dict[str, Any]) -> None:
