@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -276,6 +277,36 @@ def test_a_killed_client_has_its_queue_dropped_and_its_weight_files_removed(
         time.sleep(0.2)
     assert not any(f.exists() for f in files), [f.name for f in files if f.exists()]
     assert "doomed" not in {c["name"] for c in status(server.address)["clients"]}
+
+
+def test_train_py_posts_to_the_server_starts_no_evaluator_and_writes_no_key(server: Server, tiny_model_path: str, tmp_path: Path) -> None:
+    argv = [sys.executable, str(ROOT / "train.py"), "fit", "--model.model_name_or_path", tiny_model_path, *DATA_ARGS, *EVAL_ARGS,
+            "--output_dir", str(tmp_path / "out"), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+            "--trainer.enable_progress_bar", "false", "--budget.examples", "null", "--budget.eval_every_examples", "null",
+            "--evaluator.address", server.address, "--wandb.save_dir", str(tmp_path / "wandb")]
+    with Watcher() as watcher, open(tmp_path / "train.log", "w") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
+        watcher.pids = [proc.pid]
+        proc.wait(300)
+    out = (tmp_path / "train.log").read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert re.search(r"eval/accuracy: \d", out), out[-2000:]
+    assert f":{proc.pid} connected (validation problems)" in server.text()
+    assert watcher.evaluators == set(), watcher.evaluators
+    assert list((tmp_path / "wandb").rglob("offline-run-*")), "the run was logged to W&B (offline)"
+    leaked = [str(f) for f in tmp_path.rglob("*") if f.is_file() and KEY.encode() in f.read_bytes()]
+    assert leaked == [], leaked
+
+
+def test_tune_py_with_a_wrong_key_stops_before_any_trial_exists(server: Server, tiny_model_path: str, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    argv = shared_tune_argv(tiny_model_path, results, server.address, n_trials=2, max_steps=4)
+    proc = subprocess.run(argv, cwd=ROOT, env=env(**{KEY_ENV: "the-wrong-key-0123456789"}), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: evaluator.address: the evaluator server at") and "refused the key" in lines[-1]
+    assert "Traceback" not in proc.stderr and "the-wrong-key" not in proc.stdout + proc.stderr
+    assert not (results / "optuna.db").exists(), "no study, so no trial, may exist"
 
 
 # ---- the server dies ---------------------------------------------------------------------------
