@@ -158,6 +158,20 @@ def test_addresses_and_keys_are_checked_before_anything_connects(tmp_path: Path,
         EvaluatorConfig(address="nohost")
 
 
+@pytest.mark.skipif(__import__("lit_sft.available", fromlist=["x"]).vllm_build() is not None, reason="vLLM installed: it would serve")
+def test_the_server_resolves_device_and_backend_as_a_run_does_and_stops_before_loading(tiny_model_path: str, tmp_path: Path) -> None:
+    """The server's placement is `config.place`, the child evaluator's: the same refusal, exit 2."""
+    from lit_sft.evaluator.config import place
+
+    argv = [sys.executable, "-m", "lit_sft.evaluator", "serve", "--model.model_name_or_path", tiny_model_path, *DATA_ARGS,
+            "--evaluator.backend", "vllm", "--evaluator.address", f"127.0.0.1:{free_port()}"]
+    proc = subprocess.run(argv, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    with pytest.raises(UserError) as expected:
+        place({"evaluator": {"device": "auto", "backend": "vllm"}, "trainer": {"accelerator": "cpu", "devices": 1}})
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {expected.value}", proc.stderr[-2000:]
+    assert "listening" not in proc.stdout
+
+
 # ---- one server, clients in this process -------------------------------------------------------
 
 
