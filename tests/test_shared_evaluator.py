@@ -293,6 +293,7 @@ def test_a_killed_client_has_its_queue_dropped_and_its_weight_files_removed(
     assert "doomed" not in {c["name"] for c in status(server.address)["clients"]}
 
 
+@pytest.mark.slow
 def test_train_py_posts_to_the_server_starts_no_evaluator_and_writes_no_key(server: Server, tiny_model_path: str, tmp_path: Path) -> None:
     argv = [sys.executable, str(ROOT / "train.py"), "fit", "--model.model_name_or_path", tiny_model_path, *DATA_ARGS, *EVAL_ARGS,
             "--output_dir", str(tmp_path / "out"), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
@@ -326,6 +327,7 @@ def test_tune_py_with_a_wrong_key_stops_before_any_trial_exists(server: Server, 
 # ---- the server dies ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_killed_server_costs_missing_results_and_a_restarted_one_serves_the_next_post(
     tiny_model_path: str, cfg: dict, weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
