@@ -1,4 +1,5 @@
-"""How many processes a run trains on, and which devices training and the evaluator use."""
+"""How many processes a run trains on, and which device training uses (the evaluator's:
+`lit_sft.evaluator.config.place`)."""
 
 from __future__ import annotations
 
@@ -35,15 +36,3 @@ def train_device(trainer_cfg: dict[str, Any]) -> str:
     if isinstance(devices, (list, tuple)) and devices:
         return f"cuda:{devices[0]}"
     return "cuda:0"
-
-
-def evaluator_device(cfg: dict[str, Any]) -> str:
-    """evaluator.device, with `auto` kept off the GPUs of a multi-GPU trial when it can be."""
-    device = str(cfg["evaluator"]["device"])
-    world = trial_world_size(cfg["trainer"])
-    if device != "auto" or world <= 1 or train_device(cfg["trainer"]) == "cpu":
-        return device
-    devices = cfg["trainer"].get("devices")
-    used = {int(d) for d in devices} if isinstance(devices, (list, tuple)) else set(range(world))
-    free = [i for i in range(torch.cuda.device_count()) if i not in used]
-    return f"cuda:{free[0]}" if free else f"cuda:{min(used)}"

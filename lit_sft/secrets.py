@@ -15,7 +15,7 @@ import sys
 from urllib.parse import urlsplit, urlunsplit
 
 MASK = "***"
-SECRET_ENV = ("WANDB_API_KEY",)
+SECRET_ENV = ("WANDB_API_KEY", "LIT_SFT_EVALUATOR_KEY")
 """Environment variables whose values are secrets wherever they appear."""
 _MIN_LENGTH = 4
 """Shorter values are not masked: replacing every "ab" in a log would garble it and hide nothing."""

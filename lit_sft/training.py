@@ -18,6 +18,7 @@ from lit_sft.available import has_module
 from lit_sft.config import apply_budget, check, complete, eval_steps
 from lit_sft.data import SFTDataModule
 from lit_sft.evaluator.launch import start_evaluator
+from lit_sft.evaluator.remote import check_server
 from lit_sft.metrics import EVALUATOR_FIGURES, evaluator_figure
 from lit_sft.module import SFTModule
 from lit_sft.stats import accuracy_interval
@@ -152,6 +153,8 @@ def train(
     """
     cfg = complete(cfg, tune="study" in cfg)
     check(cfg, other_rank=other_rank)  # before the model loads or a W&B run exists
+    if evaluator is None and not other_rank:
+        check_server(cfg)  # with evaluator.address: it answers, takes our key, grades our problems
     cfg = apply_budget(cfg)
     pl.seed_everything(cfg["seed_everything"], workers=True, verbose=False)
     model = SFTModule(**cfg["model"])
@@ -193,6 +196,7 @@ def train(
     result["batch_size"] = int(data.hparams.batch_size)
     if poster is not None:
         result["evaluator_blocked_s"] = poster.blocked_s
+        result["evaluator_blocked"] = dict(poster.blocked)  # by kind: post, poll, final_wait
         result["poster_received_at_step"] = dict(poster.received_at_step)
     result["data"] = {"examples": data.stats.examples, "truncated": data.stats.truncated, "dropped": data.stats.dropped, "filtered_wrong": data.stats.filtered_wrong}
     if keep_best_weights:

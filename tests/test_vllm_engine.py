@@ -220,6 +220,82 @@ def test_a_failure_inside_the_engine_marks_it_lost(models, tmp_path) -> None:
     assert "fresh engine" in outcome["message"]
 
 
+# -- the prefix cache across swaps ----------------------------------------------------------------
+
+KV_BLOCK_TOKENS = 128
+"""vLLM's KV block on its CPU backend: only full blocks of a prompt are cached and reused."""
+
+
+def _long_prompts(n: int = 16) -> list[str]:
+    """r1_zero prompts of 3 KV blocks and more with the tiny tokenizer, distinct after the preamble."""
+    import random
+
+    from lit_sft.formats import r1_zero_prompt
+
+    rng = random.Random(0)
+    return [r1_zero_prompt("What is " + " plus ".join(str(rng.randint(10, 99)) for _ in range(50)) + "?") for _ in range(n)]
+
+
+def test_a_swap_never_generates_on_the_previous_weights_cached_prefixes(engines, models) -> None:
+    """Prompts longer than a KV block are cached by the first generation; after a swap, the
+    answers must be the new weights' alone (as transformers gives them), not the old KV's."""
+    vllm, reference = engines["untied"]
+    model = models["untied"]
+    prompts = _long_prompts()
+    tokenizer = vllm.llm.get_tokenizer()
+    assert min(len(tokenizer(p).input_ids) for p in prompts) > 3 * KV_BLOCK_TOKENS
+    for path in (model.initial, model.trained):
+        vllm.load_weights(str(path))
+        reference.load_weights(str(path))
+        ours, theirs = _ids(vllm, prompts), _ids(reference, prompts)  # vLLM caches these prompts' blocks
+        assert ours == theirs, f"after swapping in {path.name}: {_agreement(ours, theirs)}"
+    vllm.load_weights(str(model.initial))
+    reference.load_weights(str(model.initial))
+    initial = _ids(reference, prompts)
+    assert _ids(vllm, prompts) == initial
+    assert initial != theirs, "the two weight files must answer differently, or equal ids prove nothing"
+
+
+HOLD_THE_CACHE = textwrap.dedent(
+    """
+    import json, sys
+    from vllm import SamplingParams
+    from lit_sft.evaluator import backends
+
+    engine = backends.VllmBackend.load(sys.argv[1], "cpu", 8, 0.9, 64 << 20)
+    prompt = sys.argv[3]
+    engine.generate([prompt])  # its blocks are now cached
+    core = engine.llm.llm_engine
+    core.add_request("held", prompt, SamplingParams(max_tokens=64))
+    core.step()  # scheduled: the request holds its blocks, so vLLM refuses to reset the cache
+    try:
+        engine.load_weights(sys.argv[2])
+        outcome = {"raised": None}
+    except Exception as err:
+        outcome = {"raised": type(err).__name__, "message": str(err)}
+    core.abort_request(["held"])
+    print(json.dumps({**outcome, "healthy": engine.healthy}))
+    """
+)
+
+
+def test_a_prefix_cache_that_cannot_be_reset_fails_the_job_and_the_engine(models, tmp_path) -> None:
+    """vLLM returns False from reset_prefix_cache while blocks are held: the swap must not pass
+    as done (the next generation would reuse the old KV); the engine is marked lost instead.
+
+    In a process of its own, as the engine-loss test: the held request is real vLLM state.
+    """
+    model = models["untied"]
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD_THE_CACHE)
+    proc = subprocess.run([sys.executable, str(script), model.path, str(model.trained), _long_prompts(1)[0]],
+                          check=False, capture_output=True, text=True, timeout=LOAD_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outcome = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert outcome["raised"] == "EngineStateLost" and outcome["healthy"] is False, outcome
+    assert "could not reset its prefix cache" in outcome["message"]
+
+
 # -- the evaluator process ------------------------------------------------------------------------
 
 
@@ -354,3 +430,40 @@ def test_tune_with_the_vllm_evaluator_grades_every_trial(tmp_path) -> None:
         statuses = [e["status"] for e in history["evaluations"]]
         assert statuses and set(statuses) == {"ok"}, (trial["number"], [e["error"] for e in history["evaluations"]])
     assert "evaluation of run" not in proc.stderr  # CheckpointPoster's warning for a failed evaluation
+
+
+# -- the shared evaluator server on vLLM -----------------------------------------------------------
+
+
+def test_the_shared_server_grades_on_the_vllm_engine_as_transformers_does(models, tmp_path, monkeypatch) -> None:
+    """`python -m lit_sft.evaluator serve` with the vLLM backend: a posted checkpoint is graded
+    with the same figures as a transformers evaluator gives it (float32, greedy)."""
+    from lit_sft.config import parse
+    from lit_sft.evaluator import EvaluatorClient, EvaluatorConfig
+    from lit_sft.evaluator.keys import KEY_ENV
+    from tests.test_shared_evaluator import DATA_ARGS, EVAL_ARGS, KEY, Server, client, free_port
+
+    model = models["tied"]
+    monkeypatch.setenv(KEY_ENV, KEY)
+    cfg = parse(["--model.model_name_or_path", model.path, *DATA_ARGS, *EVAL_ARGS], tune=True)
+    address = f"127.0.0.1:{free_port()}"
+    server = Server(model.path, address, tmp_path / "server.log", "--evaluator.backend", "vllm", "--evaluator.device", "cpu",
+                    "--evaluator.kv_cache_memory_bytes", str(KV_CACHE_BYTES))
+    try:
+        server.wait_for("engine ready: vllm on cpu", timeout_s=LOAD_TIMEOUT_S)
+        remote = client(cfg, address, "vllm-client")
+        try:
+            (shared,) = remote.wait(LOAD_TIMEOUT_S, jobs=[remote.post("run", 1, 1, str(model.trained))])
+        finally:
+            remote.stop()
+    finally:
+        server.stop()
+    from lit_sft.data import SFTDataModule
+
+    problems = SFTDataModule(**cfg["data"]).validation_problems
+    config = EvaluatorConfig(backend="transformers", device="cpu", num_problems=len(problems), max_new_tokens=16, batch_size=8)
+    with EvaluatorClient(model.path, problems, config) as local:
+        (alone,) = local.wait(LOAD_TIMEOUT_S, jobs=[local.post("run", 1, 1, str(model.trained))])
+    assert shared["status"] == "ok" and alone["status"] == "ok", (shared, alone)
+    figures = ("accuracy", "correct", "wrong_answer", "format_failure", "num_problems", "mean_response_length")
+    assert {k: shared[k] for k in figures} == {k: alone[k] for k in figures}

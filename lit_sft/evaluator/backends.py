@@ -467,8 +467,18 @@ class VllmBackend:
                 f"checkpoint {path}: vLLM failed while loading it: {_describe(err)}; "
                 "the evaluator restarts with a fresh engine"
             ) from err
-        # Cached prefixes hold KV computed with the previous weights; reusing them would mix models.
-        self.llm.reset_prefix_cache()
+        # Cached prefixes hold KV computed with the previous weights; reusing them would mix models
+        # (the same validation prompts, hundreds of tokens each, come back at every evaluation).
+        if not self.llm.reset_prefix_cache():
+            # vLLM refuses while a request still holds cache blocks. None should once generate()
+            # has returned, so the engine's state is not what we think: generating now would read
+            # the previous weights' KV for every cached prefix. The job fails instead, and the
+            # engine is not trusted again (a fresh one serves the next checkpoint).
+            self.healthy = False
+            raise EngineStateLost(
+                f"checkpoint {path}: vLLM could not reset its prefix cache (blocks still held by a request); "
+                "the evaluator restarts with a fresh engine rather than generate on the previous weights' KV"
+            )
 
     def generate(self, prompts: Sequence[str]) -> list[Generation]:
         outputs = self.llm.generate(list(prompts), self.sampling_params, use_tqdm=False)

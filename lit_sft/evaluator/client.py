@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from lit_sft.errors import UserError
 from lit_sft.evaluator import worker
-from lit_sft.evaluator.config import EvaluatorConfig, resolve_backend, resolve_device
+from lit_sft.evaluator.config import EvaluatorConfig, resolve
 
 if TYPE_CHECKING:
     from lit_sft.formats import Problem
@@ -89,9 +89,10 @@ class EvaluatorClient:
             raise UserError("evaluator: there are no validation problems to evaluate on")
         self.config = config
         self.model_path = resolve_model_path(model_name_or_path)
-        self.device = resolve_device(config.device, train_device)
+        placement = resolve(config, train_device)
+        self.device = placement.device
         self.train_device = "cuda:0" if train_device == "cuda" else str(train_device)
-        self.backend = resolve_backend(config.backend, self.device)
+        self.backend = placement.backend
         self.problems = [(p.prompt, p.answer) for p in list(problems)[: config.num_problems]]
         self._ctx = mp.get_context("spawn")
         self._worker: _Worker | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from lit_sft import available
 from lit_sft.errors import UserError
@@ -46,6 +47,16 @@ class EvaluatorConfig:
     kv_cache_memory_bytes: int | None = None
     """vLLM only: bytes for the KV cache. null: 512 MiB on CPU (where a share of memory would be
     a share of all RAM); on a GPU, what gpu_memory_utilization leaves after the model."""
+    address: str | None = None
+    """HOST:PORT of a shared evaluator server (`python -m lit_sft.evaluator serve`): post every
+    checkpoint there and start no evaluator of this process's own. null: today's own evaluator.
+    The key comes from LIT_SFT_EVALUATOR_KEY or `key_file` (docs/SCALING.md)."""
+    key_file: str | None = None
+    """With `address`: a file holding the server's shared key, readable only by its owner (mode
+    600); used when LIT_SFT_EVALUATOR_KEY is not set."""
+    connect_timeout_s: float = 60.0
+    """With `address`: how long a run waits at its start for the server to answer (it may still be
+    starting); later posts try once and record the evaluation missing if nobody answers."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -55,7 +66,13 @@ class EvaluatorConfig:
         for name in ("num_problems", "max_new_tokens", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"evaluator.{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("final_wait_s", "grading_timeout_s"):
+        if self.address is not None:
+            from lit_sft.evaluator.keys import address_problem
+
+            problem = address_problem(str(self.address))
+            if problem:
+                raise UserError(f"evaluator.address: {problem}")
+        for name in ("final_wait_s", "grading_timeout_s", "connect_timeout_s"):
             if float(getattr(self, name)) < 0:
                 raise UserError(f"evaluator.{name}: must not be negative, got {getattr(self, name)}")
         if int(self.num_examples) < 0:
@@ -69,6 +86,52 @@ class EvaluatorConfig:
             raise UserError(
                 f"evaluator.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the evaluator generates and with which engine, resolved once from a config."""
+
+    device: str
+    """A concrete device: `cpu`, `cuda:N`."""
+    backend: str
+    """`transformers` or `vllm`."""
+
+
+def place(cfg: dict[str, Any]) -> Placement:
+    """The evaluator's device and backend for a whole config: the one resolution that the child
+    evaluator of a run or study (`launch.start_evaluator`) and the shared server both use.
+
+    `auto` keeps off the GPUs a multi-GPU trial trains on when a free one is visible, then
+    follows `resolve_device`; the backend follows `resolve_backend` on that device.
+    """
+    from lit_sft.devices import train_device
+
+    evaluator = cfg["evaluator"]
+    train = train_device(cfg["trainer"])
+    device = resolve_device(_beside_trial(cfg, str(evaluator["device"])), train)
+    return Placement(device=device, backend=resolve_backend(str(evaluator["backend"]), device))
+
+
+def resolve(config: EvaluatorConfig, train_device: str) -> Placement:
+    """`place` for an EvaluatorConfig alone (no trainer section): its device, then its backend."""
+    device = resolve_device(config.device, train_device)
+    return Placement(device=device, backend=resolve_backend(config.backend, device))
+
+
+def _beside_trial(cfg: dict[str, Any], device: str) -> str:
+    """evaluator.device, with `auto` turned into a GPU the trial does not train on, if any."""
+    import torch
+
+    from lit_sft.devices import train_device, trial_world_size
+
+    world = trial_world_size(cfg["trainer"])
+    if device != "auto" or world <= 1 or train_device(cfg["trainer"]) == "cpu":
+        return device
+    devices = cfg["trainer"].get("devices")
+    used = {int(d) for d in devices} if isinstance(devices, (list, tuple)) else set(range(world))
+    free = [i for i in range(torch.cuda.device_count()) if i not in used]
+    return f"cuda:{free[0]}" if free else f"cuda:{min(used)}"
 
 
 def _cuda_index(device: str) -> int | None:

@@ -194,6 +194,40 @@ def serve(backend: Any, spec: WorkerSpec, jobs: Any, results: Any) -> bool:
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+def load_backend(spec: WorkerSpec) -> Any:
+    """Set this process's threads, build the engine, warm up grading: once per evaluator process
+    (the child evaluator here, or the shared server)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per weight load would flood the training log
+    if spec.torch_threads:
+        import torch
+
+        torch.set_num_threads(spec.torch_threads)
+        # vLLM's CPU worker cuts torch to one thread for serving unless OMP_NUM_THREADS was
+        # set from outside (vllm/utils/torch_utils.py, set_torch_threads_for_runtime). This
+        # process is the evaluator's alone, so its setting reaches no training thread.
+        os.environ["OMP_NUM_THREADS"] = str(spec.torch_threads)
+    from lit_sft.evaluator.backends import create_backend
+
+    backend = create_backend(
+        spec.backend,
+        spec.model_path,
+        spec.device,
+        max_new_tokens=spec.max_new_tokens,
+        batch_size=spec.batch_size,
+        gpu_memory_utilization=spec.gpu_memory_utilization,
+        kv_cache_memory_bytes=spec.kv_cache_memory_bytes,
+    )
+    import lit_sft.grading  # noqa: F401
+
+    with contextlib.suppress(ImportError):
+        # grading imports it at its first non-trivial comparison; sympy takes seconds, so
+        # pay for it before "ready" rather than inside the first evaluation.
+        import math_verify  # noqa: F401
+    return backend
+
+
 def main(spec: WorkerSpec, jobs: Any, results: Any) -> None:
     """Process entry point (the spawn target); `results` is the write end of a Pipe."""
     # Ctrl-C reaches the whole process group; the training process decides how to shut down
@@ -206,34 +240,7 @@ def main(spec: WorkerSpec, jobs: Any, results: Any) -> None:
         os.environ.pop(name, None)
     start = time.perf_counter()
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # a bar per weight load would flood the training log
-        if spec.torch_threads:
-            import torch
-
-            torch.set_num_threads(spec.torch_threads)
-            # vLLM's CPU worker cuts torch to one thread for serving unless OMP_NUM_THREADS was
-            # set from outside (vllm/utils/torch_utils.py, set_torch_threads_for_runtime). This
-            # process is the evaluator's alone, so its setting reaches no training thread.
-            os.environ["OMP_NUM_THREADS"] = str(spec.torch_threads)
-        from lit_sft.evaluator.backends import create_backend
-
-        backend = create_backend(
-            spec.backend,
-            spec.model_path,
-            spec.device,
-            max_new_tokens=spec.max_new_tokens,
-            batch_size=spec.batch_size,
-            gpu_memory_utilization=spec.gpu_memory_utilization,
-            kv_cache_memory_bytes=spec.kv_cache_memory_bytes,
-        )
-        import lit_sft.grading  # noqa: F401
-
-        with contextlib.suppress(ImportError):
-            # grading imports it at its first non-trivial comparison; sympy takes seconds, so
-            # pay for it before "ready" rather than inside the first evaluation.
-            import math_verify  # noqa: F401
+        backend = load_backend(spec)
     except BaseException as err:  # noqa: BLE001 - anything that stops start-up goes to the client
         detail = "".join(traceback.format_exception_only(type(err), err)).strip()
         results.send({"kind": "fatal", "error": f"evaluator start-up failed: {detail}"})

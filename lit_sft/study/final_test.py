@@ -81,10 +81,14 @@ def _best_model_problem(model_dir: Path, study_name: str, number: int, study_cfg
 
 
 def _grade(cfg: dict[str, Any], model_dir: Path, problems: list, best: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    from lit_sft.errors import UserError
     from lit_sft.evaluator.launch import start_evaluator
 
     print(f"final test: grading trial {best.number}'s best model on {len(problems)} test problems", flush=True)
-    client = start_evaluator(cfg, problems=problems, model_path=str(model_dir))
+    try:
+        client = start_evaluator(cfg, problems=problems, model_path=str(model_dir))
+    except UserError as err:  # a shared server gone or refusing by now: the study's results stay
+        return {"trial": best.number, "error": str(err)}
     try:
         if not client.wait_ready(READY_TIMEOUT_S):
             return {"trial": best.number, "error": f"the evaluator did not load {model_dir} within {READY_TIMEOUT_S:g} s"}

@@ -19,6 +19,7 @@ from lit_sft import storage as storage_mod
 from lit_sft.config import check, complete
 from lit_sft.errors import UserError
 from lit_sft.evaluator.launch import start_evaluator
+from lit_sft.evaluator.remote import check_server
 from lit_sft.search_space import SearchSpace, load_search_space
 from lit_sft.study import budget as budget_mod
 from lit_sft.study import report
@@ -96,6 +97,7 @@ def tune(cfg: dict[str, Any]) -> dict[str, Any]:
     check_trial_layout(cfg, study_cfg)
     preflight(cfg, study_cfg)
     check_data(cfg, space)
+    check_server(cfg, test=True)  # a shared evaluator (evaluator.address) refusing us: before any trial
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress lines replace its per-trial logs
     try:
