@@ -68,13 +68,11 @@ def preflight(cfg: dict[str, Any], study_cfg: StudyConfig) -> None:
     taken = results_dir_problem(study_cfg)
     if taken:
         problems.append(taken)
-    if cfg["evaluator"]["enabled"]:
-        from lit_sft.devices import evaluator_device, train_device
-        from lit_sft.evaluator.config import resolve_backend, resolve_device
+    if cfg["evaluator"]["enabled"] and not cfg["evaluator"].get("address"):  # a shared server places itself
+        from lit_sft.evaluator.config import place
 
         try:
-            device = resolve_device(evaluator_device(cfg), train_device(cfg["trainer"]))
-            resolve_backend(cfg["evaluator"]["backend"], device)
+            place(cfg)
         except UserError as err:
             problems.append(str(err))
     if problems:
