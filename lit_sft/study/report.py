@@ -18,6 +18,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from lit_sft.failures import failure_text
 from lit_sft.stats import accuracy_interval, intervals_overlap
 
 CATEGORIES = ("correct", "wrong_answer", "format_failure")
@@ -309,7 +310,7 @@ def trial_note(row: dict[str, Any]) -> str:
     if row["state"] == "PRUNED" and row.get("pruned_at") is not None:
         notes.append(f"pruned at {row['pruned_at']:,} examples")
     elif row["state"] == "FAIL":
-        notes.append(f"{row['reason']}: {row['error']}"[:80])
+        notes.append(failure_text(row["reason"], row["error"])[:80])
     elif row["state"] == "COMPLETE" and row.get("best_examples_seen") is not None:
         notes.append(f"best at {row['best_examples_seen']:,} examples")
     if row["tied_with_best"]:
@@ -402,7 +403,7 @@ def _closing_lines(summary: dict[str, Any]) -> Iterable[str]:
     if test is not None:
         yield f"final test: {format_test(test)}"
     for failure in summary["failures"]:
-        yield f"failed: trial {failure['number']} ({failure['reason']}): {failure['error']}"
+        yield f"failed: trial {failure['number']}" + failure_text(failure["reason"], failure["error"], " ({reason}): {error}", ": {error}")
     if summary["best_model"]:
         yield f"best model: {summary['best_model']}"
     yield f"results: {summary['results_file']}"
