@@ -46,3 +46,13 @@ def test_the_report_headline_is_the_dashboards_study_note(tmp_path: Path):
     # A second report (a resumed study) replaces the note rather than adding to it.
     run._report(study, study_cfg)
     assert _note(study) == note
+
+
+def test_a_study_too_small_to_rank_says_so_in_the_note(tmp_path: Path):
+    from lit_sft.study.dashboard_note import note_body
+    from lit_sft.study.report import summarize
+
+    study = simulated_study(None, tmp_path, n_trials=3)
+    note = note_body(summarize(study, metric="eval/loss", n_trials=3, results_dir=tmp_path))
+    assert "not computed: 3 trials reached the first rung; importance needs 4." in note
+    assert "Too few trials for the report to rank the parameters yet." in note and "differs" not in note

@@ -86,8 +86,12 @@ def _importance(summary: dict[str, Any]) -> str:
     if not lines:
         return ""
     complete = sum(r["state"] == "COMPLETE" for r in summary["trials"])
-    why = (f"This dashboard's importance panel differs: it is PED-ANOVA (the best 10% against the rest) over the "
-           f"{complete} complete trial{'s' if complete != 1 else ''} alone, which under ASHA are the few that survived "
-           "pruning, drawn close together by the sampler. The first-rung figure compares every trial that reached "
-           "the first rung at equal examples seen, pruned or not: that is the one the report goes by.")
+    panel = f"PED-ANOVA (the best 10% against the rest) over the {complete} complete trial{'s' if complete != 1 else ''} alone"
+    if any(importance.get(k) for k in LABELS):
+        why = (f"This dashboard's importance panel differs: it is {panel}, which under ASHA are the few that survived "
+               "pruning, drawn close together by the sampler. The first-rung figure compares every trial that reached "
+               "the first rung at equal examples seen, pruned or not: that is the one the report goes by.")
+    else:
+        why = (f"Too few trials for the report to rank the parameters yet. This dashboard's importance panel, where it "
+               f"shows one, is {panel}: on so few trials it ranks noise as readily as an effect.")
     return f"**Hyperparameter importance** for `{summary['metric']}`:\n\n" + "\n".join(lines) + "\n\n" + why
