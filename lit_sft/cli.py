@@ -22,6 +22,19 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    no_transformers_bars()
+
+
+def no_transformers_bars() -> None:
+    """No "Loading weights" or "Writing model shards" bar between the trial lines; a download
+    from the Hub keeps its bar (transformers' switch turns off the Hub's too)."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    hub_bars_off = hub.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    if not hub_bars_off:
+        hub.enable_progress_bars()
 
 
 def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lit_sft.config_help import document_trainer
+from lit_sft.config_keys import check_keys
 from lit_sft.errors import UserError
 
 TRAINER_SKIP = {"callbacks", "logger", "plugins"}
@@ -38,11 +40,15 @@ class EarlyStoppingConfig:
     """Lightning's EarlyStopping on the objective."""
 
     enabled: bool = True
+    """Stop a run once `monitor` stops improving (tune.py: in every trial)."""
     monitor: str = "eval/loss"
+    """Metric watched at each evaluation; tune.py sets it to study.metric in every trial."""
     mode: str = "min"
+    """min: a lower `monitor` is better; max: a higher one. tune.py follows study.direction."""
     patience: int = 3
     """Evaluations without an improvement of at least `min_delta` before stopping."""
     min_delta: float = 0.001
+    """Smallest change of `monitor` that counts as an improvement."""
 
 
 @dataclass
@@ -50,14 +56,22 @@ class WandbConfig:
     """Weights & Biases logging: one run per training run or trial."""
 
     enabled: bool = True
+    """Log each run (each trial) as a W&B run; false: no W&B at all."""
     project: str = "math-sft-optuna-asha"
+    """W&B project the runs belong to."""
     mode: str = "offline"
     """offline (default: nothing leaves the machine; `wandb sync` later), online, or disabled."""
     save_dir: str = "results/wandb"
+    """Folder of the run files (offline runs: save_dir/wandb/offline-run-*)."""
     entity: str | None = None
+    """W&B team or user to log under; null = your default entity (online mode)."""
     group: str | None = None
+    """Run group; null = `train` for train.py runs; tune.py always groups by study.name."""
     name: str | None = None
+    """train.py: runs (and their folders) are named <name>-000, <name>-001, ...; null = run-000,
+    ... tune.py names its runs trial-NNNN."""
     tags: list[str] | None = None
+    """Tags of every run; the run's state (complete, pruned, failed) is added at its end."""
 
 
 @dataclass
@@ -149,6 +163,7 @@ def build_parser(tune: bool = False, default_config: Path | None = None):
 
         parser.add_dataclass_arguments(StudyConfig, "study")
     parser.set_defaults(TRAINER_DEFAULTS)
+    document_trainer(parser)
     if default_config is not None:
         parser.default_config_files = [str(default_config)]
     return parser
@@ -166,6 +181,7 @@ def parse(argv: list[str] | None = None, tune: bool = False) -> dict[str, Any]:
     # file changes only what it names; the shipped configs set every key they depend on
     # (tests/test_cli_defaults.py checks the reference configs come out the same either way).
     parser = build_parser(tune, default_config=DEFAULT_CONFIGS[tune])
+    check_keys(parser, given or [str(DEFAULT_CONFIGS[tune])], argv)
     try:
         namespace = parser.parse_args(argv)
     except (ArgumentError, ValueError, TypeError) as err:

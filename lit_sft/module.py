@@ -189,9 +189,19 @@ class SFTModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=1)
         if self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
             # Only the logged steps reach the loggers; skipping the others saves ~1 ms a step.
+            self._log_step(on_step=True)
             self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, batch_size=1)
             self.log("trainer/examples_seen", float(self.examples_seen), on_step=True, batch_size=1)
         return loss
+
+    def _log_step(self, **kwargs: Any) -> None:
+        """Log at the optimizer steps done, as the evaluator's figures and `best_step` are.
+
+        Lightning logs at its count of batches stepped, which it raises only after the step's
+        validation: `eval/loss` of the evaluation after 250 steps would land at 249. A metric
+        named `step` is the step Lightning's loggers use instead (and is not logged itself).
+        """
+        self.log("step", float(self.global_step), batch_size=1, **kwargs)
 
     def _scaler(self) -> Any:
         return getattr(self.trainer.precision_plugin, "scaler", None)
@@ -215,6 +225,7 @@ class SFTModule(LightningModule):
         # Token-weighted mean over the whole held-out set (MeanMetric syncs across ranks).
         self.log("eval/loss", self.eval_loss.compute(), prog_bar=True, sync_dist=False)
         self.log("trainer/examples_seen", float(self.examples_seen))
+        self._log_step()
         self.eval_loss.reset()
 
     @override

@@ -195,19 +195,37 @@ def load_or_create(storage: optuna.storages.BaseStorage, name: str, direction: s
 
 
 class FileLock(AbstractContextManager):
-    """An exclusive `flock` on a file: for storages that live in a file of this machine."""
+    """An exclusive `flock` on a file: for storages that live in a file of this machine.
+
+    The file is removed on release, so no empty lock files stay beside the results. A waiter
+    may have opened the file just before that: once it holds the lock it sees that its file is
+    no longer the one at the path, and locks the path again.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
 
     def __enter__(self) -> FileLock:
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)  # released by the kernel if this process dies
-        return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if this process dies
+            if self._still_at_path(fd):
+                self._fd = fd
+                return self
+            os.close(fd)
+
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
+            Path(self.path).unlink(missing_ok=True)  # while held: no one holds the file at the path
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -19,6 +19,7 @@ from lit_sft.config import apply_budget, check, complete, eval_steps
 from lit_sft.data import SFTDataModule
 from lit_sft.evaluator.launch import start_evaluator
 from lit_sft.evaluator.remote import check_server
+from lit_sft.failures import describe
 from lit_sft.metrics import EVALUATOR_FIGURES, evaluator_figure
 from lit_sft.module import SFTModule
 from lit_sft.stats import accuracy_interval
@@ -47,6 +48,10 @@ def _callbacks(cfg: dict[str, Any], history: History) -> list[Callback]:
         from callbacks.eval_schedule import EvaluateAtSteps
 
         out.append(EvaluateAtSteps(steps))
+    if cfg["trainer"].get("enable_model_summary", True) is not False:
+        from callbacks.model_summary import model_summary
+
+        out.append(model_summary())
     stop = cfg["early_stopping"]
     if stop["enabled"] and evaluator_figure(stop["monitor"]) is not None:
         from callbacks.late_metrics import ResultEarlyStopping
@@ -109,7 +114,8 @@ def _result(history: History, model: SFTModule, trainer: Trainer, evaluations: l
         "global_step": trainer.global_step,
         "examples_seen": model.examples_seen,
         "max_steps": trainer.max_steps,
-        "stopped_early": bool(trainer.should_stop and trainer.global_step < (trainer.max_steps or 0)),
+        # A pruned trial stops the same way; early stopping did not decide that.
+        "stopped_early": bool(trainer.should_stop and trainer.global_step < (trainer.max_steps or 0) and not _pruned(trainer)),
         "seconds": seconds,
         "evaluations": evaluations,
         "history": history.rows,
@@ -184,12 +190,13 @@ def train(
         trainer.fit(model, datamodule=data)
         seconds = time.perf_counter() - start
     except BaseException as err:
-        finish(logger, {"failure": f"{type(err).__name__}: {err}"[:500]}, "failed")
+        finish(logger, {"failure": describe(err)}, "failed")
         raise
     finally:
         torch.set_num_threads(threads)
         if own_evaluator and evaluator is not None:
             evaluator.stop()
+        _remove_if_empty(Path(cfg["output_dir"]) / "weights")  # the poster removed its run's folder in it
     result = _result(history, model, trainer, list(poster.results) if poster else [], seconds)
     state, note = _state(trainer, result, stop["monitor"])
     finish(logger, {**best_summary(result), **note}, state)
@@ -206,9 +213,21 @@ def train(
     return result
 
 
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # absent, or holding files that are not this run's
+
+
+def _pruned(trainer: Trainer) -> list[int]:
+    """Examples seen where a pruning callback stopped the run (empty: not pruned)."""
+    return [c.pruned_at for c in trainer.callbacks if getattr(c, "pruned_at", None) is not None]
+
+
 def _state(trainer: Trainer, result: dict[str, Any], monitor: str) -> tuple[str, dict[str, Any]]:
     """complete, pruned (at how many examples), or failed (no evaluation ran), for W&B."""
-    pruned = [c.pruned_at for c in trainer.callbacks if getattr(c, "pruned_at", None) is not None]
+    pruned = _pruned(trainer)
     if pruned:
         return "pruned", {"pruned_at": pruned[0]}
     if result["best_step"] is None:

@@ -8,6 +8,8 @@
 
 The run is created with `wandb.init` and handed to Lightning's WandbLogger (`experiment=`):
 Lightning's own call passes `anonymous=None`, which wandb 0.2x+ warns about on every run.
+Metrics are logged at the optimizer steps done (SFTModule logs a `step`), the step the
+evaluator's figures, `best_step` and the summary use.
 """
 
 from __future__ import annotations
@@ -17,9 +19,31 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.loggers import WandbLogger
+from typing_extensions import override
+
 log = logging.getLogger(__name__)
 
 STATES = ("complete", "pruned", "failed")
+
+
+class RunLogger(WandbLogger):
+    """Lightning's WandbLogger, with the config left as `wandb.init` got it.
+
+    The Trainer also logs SFTModule's and SFTDataModule's init arguments as flat keys beside the
+    nested sections; they repeat the sections, and contradict them where train() filled a value
+    in (`tokenizer_name_or_path`: the cache path against `data.tokenizer_name_or_path: null`) or
+    a key of the same name lives in two sections (`gradient_clip_val`, model and trainer).
+    """
+
+    @override
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    @override
+    def log_metrics(self, metrics: dict[str, Any], step: int | float | None = None) -> None:
+        # SFTModule's `step` arrives as a float (Lightning logs floats); the evaluator's as an int.
+        super().log_metrics(metrics, step=None if step is None else int(step))
 
 
 def make_logger(wandb_cfg: dict[str, Any], run_name: str | None, params: dict[str, Any]):
@@ -27,7 +51,6 @@ def make_logger(wandb_cfg: dict[str, Any], run_name: str | None, params: dict[st
     if not wandb_cfg.get("enabled", True) or wandb_cfg.get("mode") == "disabled":
         return False
     import wandb
-    from lightning.pytorch.loggers import WandbLogger
 
     save_dir = Path(wandb_cfg["save_dir"])
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +60,7 @@ def make_logger(wandb_cfg: dict[str, Any], run_name: str | None, params: dict[st
         name=run_name or wandb_cfg.get("name"), tags=wandb_cfg.get("tags"), dir=str(save_dir),
         mode=wandb_cfg["mode"], config=params, reinit="create_new",
     )
-    return WandbLogger(experiment=run, save_dir=str(save_dir))
+    return RunLogger(experiment=run, save_dir=str(save_dir))
 
 
 def finish(logger: Any, summary: dict[str, Any], state: str) -> None:

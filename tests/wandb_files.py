@@ -27,6 +27,8 @@ class OfflineRun:
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Every logged row, in order (`trainer/global_step` is the step Lightning's logger gave)."""
 
 
 def _chunks(data: bytes) -> list[bytes]:
@@ -56,7 +58,7 @@ def _key(item: Any) -> str:
 
 
 def read_run(run_dir: Path) -> OfflineRun:
-    """The run's name, group, tags, config, final summary and exit code, as its records say."""
+    """The run's name, group, tags, config, history, final summary and exit code, as its records say."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = Path(run_dir).glob("run-*.wandb")
@@ -76,6 +78,8 @@ def read_run(run_dir: Path) -> OfflineRun:
             run.config.update({_key(i): json.loads(i.value_json) for i in record.config.update})
         elif kind == "summary":
             run.summary.update({_key(i): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "history":
+            run.history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     return run

@@ -52,6 +52,8 @@ class PrunerConfig:
     """ASHA: optuna.pruners.SuccessiveHalvingPruner. Its resource is examples seen."""
 
     enabled: bool = True
+    """Prune: stop a trial at a rung where it is not among the best 1/reduction_factor so far.
+    false: every trial runs until its budget ends or early stopping stops it."""
     min_resource: int | None = None
     """Examples seen at the first rung. null = trainer.val_check_interval x the largest batch size
     in the search space: the examples the largest-batch trial has seen at its first evaluation, so
@@ -91,6 +93,8 @@ class StudyConfig:
     """Sampler seed. The sampler is reseeded with seed + trial number before each trial, so a
     resumed study proposes new points and workers started together propose different ones."""
     direction: Literal["minimize", "maximize"] = "minimize"
+    """Whether a lower `metric` is better (minimize, for eval/loss) or a higher one (maximize,
+    for eval/accuracy); early stopping and pruning follow it."""
     metric: str = "eval/loss"
     """Objective: a metric logged at each evaluation; a trial's value is its best, not its last.
     Early stopping and pruning watch it too."""
@@ -117,6 +121,7 @@ class StudyConfig:
     save_best_model: bool = True
     """Keep the best trial's best weights (save_pretrained + tokenizer) in results_dir/best_model."""
     plots: bool = True
+    """Draw the PNG plots into results_dir/plots/ at the end of the study (REPORT.md shows them)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
 

@@ -18,6 +18,7 @@ from lit_sft import storage as storage_mod
 from lit_sft.config import apply_budget
 from lit_sft.devices import trial_world_size
 from lit_sft.errors import UserError
+from lit_sft.failures import describe
 from lit_sft.pruner import TolerantSuccessiveHalvingPruner
 from lit_sft.search_space import SearchSpace
 from lit_sft.study import budget as budget_mod
@@ -42,8 +43,7 @@ def _better(value: float, best: float, direction: str) -> bool:
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return secrets.mask(f"{type(err).__name__}: {text}"[:500] if text else type(err).__name__)
+    return secrets.mask(describe(err))
 
 
 def _rungs(pruner: Any, budget: int) -> list[int]:

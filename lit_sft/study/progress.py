@@ -8,6 +8,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lit_sft.study.budget import is_baseline, spent
+from lit_sft.failures import failure_text
 from lit_sft.study.config import StudyConfig
 from lit_sft.study.results import accuracy_figures, format_accuracy, format_value
 
@@ -50,7 +51,7 @@ class Progress:
             body = f" at {a.get('pruned_at')} examples ({cfg.metric} best {format_value(a.get('best_objective'))}{',' + acc if acc else ''}){secs}"
         else:
             where = f" [traceback: {a['traceback_file']}]" if "traceback_file" in a else ""
-            body = f" ({a.get('reason', '?')}): {a.get('error', 'no error recorded')}{where}"
+            body = failure_text(a.get("reason", "?"), a.get("error", "no error recorded"), " ({reason}): {error}", ": {error}") + where
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         best = f"best: trial {study.best_trial.number} {cfg.metric}={format_value(study.best_value)}" if complete else "best: none yet"
         used = spent(study.get_trials(deepcopy=False), self.total_examples)

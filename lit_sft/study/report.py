@@ -13,6 +13,7 @@ from typing import Any
 
 import optuna
 
+from lit_sft.failures import failure_text
 from lit_sft.study.markdown import write_markdown
 from lit_sft.study.results import (  # noqa: F401 - re-exported: the study's files by their old names
     BEST_MODEL_DIR,
@@ -100,7 +101,7 @@ def _closing_lines(summary: dict[str, Any]) -> Iterable[str]:
     elif summary.get("test_skipped"):
         yield f"final test: none: {summary['test_skipped']}"
     for failure in summary["failures"]:
-        yield f"failed: trial {failure['number']} ({failure['reason']}): {failure['error']}"
+        yield f"failed: trial {failure['number']}" + failure_text(failure["reason"], failure["error"], " ({reason}): {error}", ": {error}")
     if summary["best_model"]:
         yield f"best model: {summary['best_model']}"
     yield f"results: {summary['results_file']}"

@@ -20,6 +20,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from lit_sft.failures import failure_text
 from lit_sft.stats import accuracy_interval, intervals_overlap
 from lit_sft.study.budget import MOVED_ATTR, is_baseline, spent
 
@@ -348,7 +349,7 @@ def trial_note(row: dict[str, Any]) -> str:
     if row["state"] == "PRUNED" and row.get("pruned_at") is not None:
         notes.append(f"pruned at {row['pruned_at']:,} examples")
     elif row["state"] == "FAIL":
-        notes.append(f"{row['reason']}: {row['error']}"[:80])
+        notes.append(failure_text(row["reason"], row["error"])[:80])
     elif row["state"] == "COMPLETE" and row.get("best_examples_seen") is not None:
         notes.append(f"best at {row['best_examples_seen']:,} examples")
     if row["tied_with_best"]:

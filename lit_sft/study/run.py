@@ -25,6 +25,7 @@ from lit_sft.study import budget as budget_mod
 from lit_sft.study import report
 from lit_sft.study.build import open_study, prepare_results_dir, results_dir_problem
 from lit_sft.study.config import StudyConfig
+from lit_sft.study.dashboard_note import save_dashboard_note
 from lit_sft.study.disk import disk_usage, megabytes, remove_leftovers
 from lit_sft.study.final_test import run_final_test
 from lit_sft.study.objective import Objective, TrialFailed
@@ -235,6 +236,7 @@ def _report(study: optuna.Study, study_cfg: StudyConfig, total_examples: int | N
         summary["storage"] = secrets.mask_url(study_cfg.storage_url)
         summary["disk"] = disk_usage(study.study_name, results_dir)
         report.write_results(summary, results_dir)
+        save_dashboard_note(study, summary)
     disk = summary["disk"]
     print(f"disk: {megabytes(disk['results_dir_bytes'])} in {results_dir} (best model {megabytes(disk['best_model_bytes'])}, "
           f"evaluator weight files {megabytes(disk['weight_files_bytes'])})", flush=True)
