@@ -293,7 +293,25 @@ class SFTDataModule(LightningDataModule):
             _SPLITS[key] = self._build_split()
         self.train_set, self.eval_set, self.stats = _SPLITS[key]
         if self.per_device_batch_size > len(self.train_set):
-            raise UserError(f"data.batch_size={hp.batch_size} is larger than the {len(self.train_set)} training records")
+            raise UserError(batch_problem(hp.batch_size, self.per_device_batch_size, self.split_note(len(self.train_set))))
+
+    def split_note(self, n_train: int) -> str:
+        """`the 8 training records (10 in FILE, 2 held out for eval/loss)`: where a count comes from."""
+        hp = self.hparams
+        if not hp.train_path:
+            return f"the {n_train} training records"
+        held = self.held_out(self.n_usable)
+        return (f"the {n_train} training records ({self.n_usable} usable in {hp.train_path}, {held} held out for eval/loss: "
+                f"data.eval_size={hp.eval_size}, at most data.eval_max_fraction={hp.eval_max_fraction:g} of them)")
+
+    def held_out(self, n_records: int) -> int:
+        """Records of the training source held out for eval/loss (generated data has its own split)."""
+        hp = self.hparams
+        return min(hp.eval_size, int(n_records * hp.eval_max_fraction)) if hp.train_path else 0
+
+    @property
+    def n_usable(self) -> int:
+        return len(self.train_set) + len(self.eval_set) if self.train_set else 0
 
     def _build_split(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], TokenStats]:
         hp = self.hparams
@@ -315,7 +333,7 @@ class SFTDataModule(LightningDataModule):
             return records, self._tokenize(held_out, TokenStats()), self.stats
         order = list(range(len(records)))
         random.Random(hp.seed).shuffle(order)
-        n_eval = min(hp.eval_size, int(len(records) * hp.eval_max_fraction))
+        n_eval = self.held_out(len(records))
         if n_eval < 1 or len(records) - n_eval < 1:
             raise UserError(f"{hp.train_path}: only {len(records)} usable records, too few to train and hold out an eval set")
         return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]], self.stats
@@ -409,8 +427,25 @@ def data_problems(cfg: dict[str, Any]) -> list[str]:
         if not data.get(key) or (key != "train_path" and not evaluator) or data[key] in failed:
             continue  # (a source that failed for one key is not reported again for the next)
         try:
-            read()
+            records = read()
         except UserError as err:
             problems.append(str(err))
             failed.add(data[key])
+            continue
+        if key == "train_path" and cfg.get("study") is None:
+            # train.py: the batch that will run, against what is left after the hold-out (a study
+            # checks its search space's batch sizes instead, lit_sft.study.run.check_data).
+            n = len(records)
+            held = module.held_out(n)
+            if data["batch_size"] > n - held:
+                problems.append(batch_problem(data["batch_size"], data["batch_size"],
+                                              f"the {n - held} training records ({n} in {data['train_path']}, {held} held out "
+                                              f"for eval/loss: data.eval_size={module.hparams.eval_size}, at most "
+                                              f"data.eval_max_fraction={module.hparams.eval_max_fraction:g} of them)"))
     return problems
+
+
+def batch_problem(batch: int, per_device: int, records: str) -> str:
+    """The one message for a batch that the training records cannot fill."""
+    per = f" ({per_device} per device)" if per_device != batch else ""
+    return f"data.batch_size={batch}{per} is larger than {records}"

@@ -63,3 +63,43 @@ def test_a_study_with_no_complete_trial_exits_non_zero(tiny_model_path, tmp_path
     assert data["counts"] == {"fail": 2}
     assert all(t.state == optuna.trial.TrialState.FAIL for t in optuna.load_study(
         study_name="bad", storage=f"sqlite:///{tmp_path / 'results' / 'optuna.db'}").trials)
+
+
+def _records(path: Path, n: int) -> Path:
+    import json
+
+    with path.open("w") as out:
+        for i in range(n):
+            out.write(json.dumps({"prompt": f"What is {i} + 1?", "response": f"<think> {i} + 1 = {i + 1} </think> <answer>{i + 1}</answer>",
+                                  "ground_truth": str(i + 1)}) + "\n")
+    return path
+
+
+def test_a_batch_the_training_records_cannot_fill_is_refused_before_any_run_exists(tiny_model_path, tmp_path, capsys):
+    import train as train_cli
+    from tests.test_train_cli import _argv as train_argv
+
+    data = _records(tmp_path / "ten.jsonl", 10)
+    argv = train_argv(tiny_model_path, tmp_path, "--data.train_path", str(data), "--data.batch_size", "64",
+                      "--output_dir", str(tmp_path / "runs"), "--wandb.enabled", "true", "--wandb.save_dir", str(tmp_path / "wandb"))
+    assert run_cli(train_cli.main, argv) == 2
+    line = _one_error_line(capsys)
+    assert "data.batch_size=64 is larger than the 8 training records (10 in" in line and "2 held out for eval/loss" in line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "wandb").exists()
+
+
+def test_a_study_checks_its_search_spaces_batch_sizes_not_the_config_one_it_never_runs(tiny_model_path, tmp_path):
+    from lit_sft.config import complete
+    from lit_sft.errors import UserError
+    from lit_sft.search_space import load_search_space
+    from lit_sft.study.run import check_data
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("batch_size: {kind: categorical, choices: [64], key: data.batch_size}\n")
+    cfg = complete({"model": {"model_name_or_path": tiny_model_path},
+                    "data": {"train_path": str(_records(tmp_path / "hundred.jsonl", 100)), "batch_size": 128}}, tune=True)
+    space = load_search_space(space_file, cfg)
+    check_data(cfg, space)  # 80 training records: 64 fits; the config's 128 never runs
+    cfg["data"]["train_path"] = str(_records(tmp_path / "ten.jsonl", 10))
+    with pytest.raises(UserError, match=r"the search space \(.*space.yaml\) reaches 64, which is larger than the 8 training records"):
+        check_data(cfg, space)

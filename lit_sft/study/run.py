@@ -50,8 +50,12 @@ def check_data(cfg: dict[str, Any], space: SearchSpace) -> None:
     from lit_sft.data import SFTDataModule
     from lit_sft.weights import resolve_model_path
 
+    from lit_sft.data import batch_problem
+
     tokenizer = cfg["data"].get("tokenizer_name_or_path") or resolve_model_path(cfg["model"]["model_name_or_path"])
-    data = SFTDataModule(**{**cfg["data"], "tokenizer_name_or_path": tokenizer})
+    # The batch sizes that will run are the search space's: the config's own is checked only when
+    # the space does not set it (setup's own check is given a batch of 1, so it never judges it).
+    data = SFTDataModule(**{**cfg["data"], "tokenizer_name_or_path": tokenizer, "batch_size": 1, "micro_batch_size": None})
     data.setup("fit")
     if cfg["evaluator"]["enabled"]:
         data.validation_problems  # noqa: B018 - reading them is the check
@@ -59,7 +63,9 @@ def check_data(cfg: dict[str, Any], space: SearchSpace) -> None:
     batch = space.by_key("data.batch_size")
     largest = batch.largest if batch is not None else cfg["data"]["batch_size"]
     if largest > len(data.train_set):
-        raise UserError(f"data.batch_size: the search space reaches {largest}, more than the {len(data.train_set)} training records")
+        where = f"the search space ({space.path}) reaches {largest}, which" if batch is not None else f"{largest}"
+        raise UserError(batch_problem(largest, largest, data.split_note(len(data.train_set))).replace(
+            f"data.batch_size={largest} is", f"data.batch_size: {where} is", 1))
 
 
 def preflight(cfg: dict[str, Any], study_cfg: StudyConfig) -> None:
