@@ -227,7 +227,7 @@ def check(args: argparse.Namespace) -> None:
     """Real tune.py studies of the shrunk task at the replay's budget, 3 seeds per method, then the
     same figures as the replay, and the replay's ranking beside them. Studies are kept under
     --out and resumed by a rerun (a finished one is only read)."""
-    from bench.replay import baseline_params, format_rows, replay_all, summarise
+    from bench.replay import SEED_STRIDE, baseline_params, format_rows, replay_all, summarise
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,7 +237,7 @@ def check(args: argparse.Namespace) -> None:
     traces: dict[str, dict[int, Any]] = {m: {} for m in args.methods}
     for method in args.methods:
         for k in range(args.seeds):
-            seed = 10_000 + k
+            seed = 10_000 + SEED_STRIDE * k
             name = f"{method}-{seed}"
             argv = [sys.executable, str(ROOT / "tune.py"), "--config", str(CONFIG),
                     "--budget.examples", str(full), "--budget.eval_every_examples", str(args.eval_every),

@@ -43,6 +43,9 @@ SPACE_FILE = ROOT / "configs" / "search_space_tiny.yaml"
 TUNE_CONFIG = ROOT / "configs" / "tune.yaml"
 FULL_TRIALS = 12
 """The budget B is this many full trials' examples."""
+SEED_STRIDE = 1000
+"""Seeds of a method's studies are this far apart: the tuner's sampler is reseeded with seed +
+trial number, so consecutive seeds would share all but one of their points."""
 
 
 # ---- the table as curves ------------------------------------------------------------------------
@@ -121,10 +124,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("random_hyperband", "random", "hyperband"),
     Method("tpe_asha_startup10", "tuner", "asha", study_overrides={"sampler": {"n_startup_trials": 10}}),
     Method("tpe_asha_tol0", "tuner", "asha", study_overrides={"pruner": {"tolerance": 0.0}}),
+    Method("tpe_asha_rf2", "tuner", "asha", baseline=True, study_overrides={"pruner": {"reduction_factor": 2}}),
+    Method("random_asha_rf2", "random", "asha", study_overrides={"pruner": {"reduction_factor": 2}}),
+    Method("tpe_asha_startup1", "tuner", "asha", baseline=True, study_overrides={"sampler": {"n_startup_trials": 1}}),
     Method("gp_asha_pruned", "gp", "asha", study_overrides={"sampler": {"kind": "gp", "gp_use_pruned": True}}, max_seeds=20),
 ]}
 DEFAULT_METHODS = ["random", "random_asha", "tpe", "tpe_asha", "tpe_asha_baseline", "optuna_defaults", "tpe_hyperband",
-                   "random_hyperband", "tpe_asha_startup10", "tpe_asha_tol0"]
+                   "random_hyperband", "tpe_asha_startup10", "tpe_asha_startup1", "tpe_asha_tol0", "tpe_asha_rf2", "random_asha_rf2",
+                   "gp_asha_pruned"]
 
 
 def _study_config(method: Method, seed: int, min_resource: int):
@@ -257,7 +264,7 @@ def _one(job: tuple[str, int, int, int, float, dict[str, Any]]) -> tuple[str, in
 
 def replay_all(raw: dict[str, Any], methods: list[str], seeds: int, *, eval_every: int | None, budget: int,
                patience: int, min_delta: float, baseline: dict[str, Any], workers: int) -> dict[str, dict[int, StudyTrace]]:
-    jobs = [(name, 10_000 + s, budget, patience, min_delta, baseline)
+    jobs = [(name, 10_000 + SEED_STRIDE * s, budget, patience, min_delta, baseline)
             for name in methods for s in range(min(seeds, METHODS[name].max_seeds or seeds))]
     out: dict[str, dict[int, StudyTrace]] = {name: {} for name in methods}
     seconds: dict[str, float] = {name: 0.0 for name in methods}
