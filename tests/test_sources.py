@@ -202,7 +202,8 @@ def test_split_and_column_map_from_the_command_line(tmp_path):
 
     renamed = [{"q": f"What is {i} + 2?", "a": f"{i} + 2 = {i + 2}\n#### {i + 2}"} for i in range(6)]
     folder = _hub_folder(tmp_path / "gsm", {"train": renamed[:2], "test": renamed[2:]})
-    cfg = parse(["--data.train_path", folder, "--data.train_split", "test", "--data.columns", "{question: q, answer: a}"])
+    cfg = parse(["--data.train_path", folder, "--data.train_split", "test", "--data.columns", "{question: q, answer: a}",
+                 "--data.batch_size", "2"])  # 4 records: the default batch of 32 would be refused
     assert cfg["data"]["columns"] == {"question": "q", "answer": "a"}
     assert [e.answer for e in SFTDataModule(**cfg["data"])._examples()] == ["4", "5", "6", "7"]
     with pytest.raises(UserError, match=r"data.columns: unknown field\(s\) quest"):

@@ -265,7 +265,7 @@ def test_cli_overrides_take_effect_and_a_rerun_resumes(tiny_model_path, tmp_path
 
 def test_without_config_the_embedded_default_is_used(monkeypatch):
     seen = []
-    monkeypatch.setattr(run, "tune", seen.append)
+    monkeypatch.setattr(run, "tune", lambda cfg: seen.append(cfg) or {"study": "tiny-math", "counts": {"complete": 5}})
     assert tune_cli.main(["--study.n_trials", "5"]) == 0
     study = seen[0]["study"]
     assert study["n_trials"] == 5 and study["search_space"] == "configs/search_space_tiny.yaml"
