@@ -90,11 +90,11 @@ def test_the_summary_compares_every_method_with_random_search_at_equal_budget():
 @pytest.mark.slow
 def test_record_continues_where_it_stopped(tmp_path):
     table = tmp_path / "table.json"
-    argv = [sys.executable, str(ROOT / "bench" / "curves.py"), "record", "--examples", "64", "--eval-every", "32", "--table", str(table)]
+    argv = [sys.executable, str(ROOT / "bench" / "curves.py"), "record", "--examples", "256", "--eval-every", "128", "--table", str(table)]
     first = subprocess.run([*argv, "--configs", "1"], cwd=tmp_path, env=tune_env(), capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     one = curves.load_table(table)
-    assert [r["i"] for r in one["configs"]] == [0] and one["configs"][0]["examples"] == [32, 64]
+    assert [r["i"] for r in one["configs"]] == [0] and one["configs"][0]["examples"] == [128, 256]
     second = subprocess.run([*argv, "--configs", "2"], cwd=tmp_path, env=tune_env(), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "1 configurations recorded, 1 to go" in second.stdout
