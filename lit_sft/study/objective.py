@@ -146,6 +146,7 @@ class Objective:
         """The study section as W&B shows it: the storage URL without its password."""
         study = self.study_cfg.to_dict()
         study["storage"] = secrets.mask_url(self.study_cfg.storage_url)
+        study["results_dir"] = str(self.study_cfg.results_path)  # null means results/optuna/<name>: say which
         return study
 
     def _record(self, trial: optuna.Trial, result: dict[str, Any], pruning: Any) -> None:
