@@ -86,7 +86,7 @@ class BudgetConfig:
 
     examples: int | None = None
     """Training examples per run (per trial in tune.py): trainer.max_steps = ceil(examples /
-    data.batch_size). In tune.py it is also R, the full length ASHA's rungs divide (R/9, R/3)."""
+    data.batch_size). In tune.py it is also R, the full length ASHA's rungs divide (R/9 and up)."""
     total_examples: int | None = None
     """tune.py only: the examples the whole study may train on, over all its trials, restarts and
     workers (finished trials, plus running trials' progress, as the storage has them). A new trial

@@ -55,15 +55,16 @@ def test_the_reference_study_runs_end_to_end_on_cpu_with_its_final_test(tiny_mod
         "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
         "--data.train_path", train, "--data.validation_path", train, "--data.test_path", test,
         # Lengths cut down: 500 validation problems, 1024 new tokens, 34,560 examples a trial, a budget of
-        # 20 trials' examples (the rungs stay at R/9 and R/3, the baseline trial first).
+        # 20 trials' examples (the baseline trial first).
         "--data.num_validation_problems", "8", "--data.num_test_problems", "12", "--evaluator.num_problems", "8",
         "--evaluator.max_new_tokens", "8", "--budget.examples", "576", "--budget.eval_every_examples", "64",
+        "--study.pruner.min_resource", "64",
         "--budget.total_examples", "900", "--study.results_dir", str(results), "--study.search_space", str(ROOT / "configs/search_space.yaml"),
         "--output_dir", str(tmp_path / "out"), "--wandb.save_dir", str(tmp_path / "wandb"),
     ]
     cfg = parse(argv, tune=True)
     shipped = yaml.safe_load((REFERENCE / "tune.yaml").read_text())
-    assert cfg["study"]["n_trials"] is None and cfg["study"]["pruner"]["min_resource"] is None  # as shipped
+    assert cfg["study"]["n_trials"] is None and cfg["study"]["pruner"]["reduction_factor"] == 2  # as shipped
     for key in ("max_length", "micro_batch_size", "eval_size", "schema", "validation_schema", "test_schema", "train_split", "validation_split", "test_split"):
         assert cfg["data"][key] == shipped["data"][key], key  # the rest runs as shipped
     import wandb
