@@ -122,21 +122,22 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("optuna_defaults", "optuna_tpe", "median"),
     Method("tpe_hyperband", "tuner", "hyperband"),
     Method("random_hyperband", "random", "hyperband"),
-    Method("tpe_asha_startup10", "tuner", "asha", study_overrides={"sampler": {"n_startup_trials": 10}}),
+    Method("tpe_asha_before", "tuner", "asha", study_overrides={"sampler": {"n_startup_trials": 3}, "pruner": {"reduction_factor": 3}}),
     Method("tpe_asha_baseline_startup3", "tuner", "asha", baseline=True, study_overrides={"sampler": {"n_startup_trials": 3}}),
-    Method("tpe_asha_baseline_startup10", "tuner", "asha", baseline=True, study_overrides={"sampler": {"n_startup_trials": 10}}),
+    Method("tpe_asha_baseline_rf3", "tuner", "asha", baseline=True, study_overrides={"pruner": {"reduction_factor": 3}}),
     Method("tpe_asha_baseline_startup15", "tuner", "asha", baseline=True, study_overrides={"sampler": {"n_startup_trials": 15}}),
-    Method("tpe_asha_baseline_startup10_rf2", "tuner", "asha", baseline=True,
-           study_overrides={"sampler": {"n_startup_trials": 10}, "pruner": {"reduction_factor": 2}}),
     Method("tpe_asha_tol0", "tuner", "asha", study_overrides={"pruner": {"tolerance": 0.0}}),
-    Method("tpe_asha_rf2", "tuner", "asha", baseline=True, study_overrides={"pruner": {"reduction_factor": 2}}),
     Method("random_asha_rf2", "random", "asha", study_overrides={"pruner": {"reduction_factor": 2}}),
     Method("tpe_asha_startup1", "tuner", "asha", baseline=True, study_overrides={"sampler": {"n_startup_trials": 1}}),
+    Method("tpe_asha_startup10", "tuner", "asha", study_overrides={"sampler": {"n_startup_trials": 10}}),
     Method("gp_asha_pruned", "gp", "asha", study_overrides={"sampler": {"kind": "gp", "gp_use_pruned": True}}, max_seeds=20),
 ]}
 DEFAULT_METHODS = ["random", "random_asha", "tpe", "tpe_asha", "tpe_asha_baseline", "optuna_defaults", "tpe_hyperband",
-                   "random_hyperband", "tpe_asha_startup10", "tpe_asha_startup1", "tpe_asha_tol0", "tpe_asha_rf2", "random_asha_rf2",
-                   "gp_asha_pruned"]
+                   "random_hyperband", "tpe_asha_before", "tpe_asha_baseline_startup3", "tpe_asha_baseline_rf3",
+                   "tpe_asha_baseline_startup15", "tpe_asha_startup1", "tpe_asha_tol0", "random_asha_rf2", "gp_asha_pruned"]
+"""What `replay` compares by default. `tpe_asha_baseline` is configs/tune.yaml's study as it is (its sampler,
+its pruner, its baseline trial); `tpe_asha` and `tpe` are it without the baseline and without ASHA; the
+rest change one thing each (the first rung stays at R/9 for every ASHA variant)."""
 
 
 def _study_config(method: Method, seed: int, min_resource: int):

@@ -274,3 +274,20 @@ def test_accuracy_objective_renders_every_plot(tmp_path):
     for path in summary["plots"].values():
         width, height = _png_size(tmp_path / "plots" / path.rsplit("/", 1)[-1])
         assert width >= 600 and height >= 400
+
+
+def test_a_perfect_accuracy_is_plotted_with_its_interval():
+    """200/200: the Wilson bound is 1 - 1e-16, below the value; the plot must still be drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lit_sft.stats import accuracy_interval
+    from lit_sft.study.plots import _mark_best_checkpoint
+
+    low, high = accuracy_interval(200, 200)
+    fig, ax = plt.subplots()
+    _mark_best_checkpoint(ax, {"number": 3, "accuracy_step": 10}, [(640, 10, 1.0, low, high)])
+    assert ax.containers and "best checkpoint #3: 1.000" in ax.containers[0].get_label()
+    plt.close(fig)

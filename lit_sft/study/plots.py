@@ -109,12 +109,18 @@ def _accuracy_points(evaluations: list[dict]) -> list[tuple[int, int | None, flo
     return sorted(points, key=lambda p: p[0])
 
 
+def _yerr(ys, lows, highs) -> list[list[float]]:
+    """Error-bar lengths, never negative: at 100% (or 0%) accuracy the Wilson bound equals the value
+    up to rounding, a hair on the wrong side of it, and matplotlib refuses a negative length."""
+    return [[max(0.0, y - lo) for y, lo in zip(ys, lows)], [max(0.0, hi - y) for y, hi in zip(ys, highs)]]
+
+
 def _mark_best_checkpoint(ax, row: dict[str, Any], points: list[tuple]) -> None:
     """A star (with its interval) on the evaluation whose accuracy the best trial reports."""
     step = row.get("accuracy_step") if row.get("accuracy_step") is not None else row.get("best_step")
     at = next((p for p in points if p[1] == step), None) or max(points, key=lambda p: p[2])
     x, _, y, low, high = at
-    ax.errorbar([x], [y], yerr=[[y - low], [high - y]] if math.isfinite(low) else None, fmt="*", markersize=16,
+    ax.errorbar([x], [y], yerr=_yerr([y], [low], [high]) if math.isfinite(low) else None, fmt="*", markersize=16,
                 color="red", markeredgecolor="black", capsize=5, zorder=6,
                 label=f"best checkpoint #{row['number']}: {format_accuracy(y, [low, high] if math.isfinite(low) else None)}")
 
@@ -142,7 +148,7 @@ def _plot_accuracy(plt, rows, histories, best_trial: int | None, path: Path) -> 
         if len(xs) > 1:
             ax.fill_between(xs, lows, highs, color=color, alpha=0.25 if best else 0.1, linewidth=0, zorder=2)
         elif math.isfinite(lows[0]):
-            ax.errorbar(xs, ys, yerr=[[ys[0] - lows[0]], [highs[0] - ys[0]]], fmt="none", ecolor=color, capsize=3)
+            ax.errorbar(xs, ys, yerr=_yerr(ys[:1], lows[:1], highs[:1]), fmt="none", ecolor=color, capsize=3)
         if best:
             best_points = (row, points)
     if not ax.get_lines():
