@@ -73,7 +73,24 @@ def _stop_all() -> None:
         client.stop()
 
 
-class EvaluatorClient:
+class StartStop:
+    """`with client:` starts it and stops it, for both clients (this one and the shared server's)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EvaluatorClient(StartStop):
     """Starts the evaluator worker, posts checkpoints to it, collects results without blocking."""
 
     def __init__(
@@ -198,25 +215,11 @@ class EvaluatorClient:
         self._record_missing(current, f"evaluator stopped before evaluation finished (pid {process.pid})")
         self._close(current)
 
-    def __enter__(self) -> EvaluatorClient:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # -- jobs ------------------------------------------------------------------------------------
 
     def post(self, run: str, step: int, examples_seen: int, path: str) -> int:
         """Queue a checkpoint for evaluation; returns its job id at once."""
-        job = {
-            "kind": "job",
-            "job": self._next_job,
-            "run": str(run),
-            "step": int(step),
-            "examples_seen": int(examples_seen),
-            "path": str(path),
-        }
+        job = worker.job_message(self._next_job, run, step, examples_seen, path)
         self._next_job += 1
         self._drain()
         self.start()  # no-op while a worker runs; a new one after a crash

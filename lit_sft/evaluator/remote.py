@@ -31,9 +31,9 @@ from multiprocessing.connection import wait as wait_any
 from typing import Any
 
 from lit_sft.errors import UserError
-from lit_sft.evaluator.client import EvaluatorWarning
+from lit_sft.evaluator.client import EvaluatorWarning, StartStop
 from lit_sft.evaluator.keys import load_key, parse_address
-from lit_sft.evaluator.worker import blank_result
+from lit_sft.evaluator.worker import blank_result, job_message
 
 SETS = ("validation", "test")
 """The problem sets a job can name: the validation problems, or the final test's."""
@@ -190,7 +190,7 @@ class _closing:
             pass
 
 
-class RemoteEvaluatorClient:
+class RemoteEvaluatorClient(StartStop):
     """Posts checkpoints to a shared evaluator server; collects results without blocking."""
 
     device = "remote"
@@ -303,21 +303,11 @@ class RemoteEvaluatorClient:
                 pass
         self._record_missing(f"evaluation not finished when this run stopped using the server at {self.address}")
 
-    def __enter__(self) -> RemoteEvaluatorClient:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # -- jobs ------------------------------------------------------------------------------------
 
     def post(self, run: str, step: int, examples_seen: int, path: str) -> int:
         """Send a checkpoint to the server; its job id at once. With no server, a missing result."""
-        job = {
-            "kind": "job", "job": self._next_job, "run": str(run), "step": int(step), "examples_seen": int(examples_seen),
-            "path": str(path), "problems": self.problem_set, "delete": self.delete_files,
-        }
+        job = job_message(self._next_job, run, step, examples_seen, path, problems=self.problem_set, delete=self.delete_files)
         self._next_job += 1
         self._drain()
         if self._conn is None:

@@ -51,6 +51,12 @@ class WorkerSpec:
     """vLLM only: KV cache size; None: `backends.CPU_KV_CACHE_BYTES` on CPU, else by share of GPU."""
 
 
+def job_message(number: int, run: str, step: int, examples_seen: int, path: str, **extra: Any) -> dict[str, Any]:
+    """A checkpoint to grade, as both clients send it (to their own worker or to a shared server)."""
+    return {"kind": "job", "job": number, "run": str(run), "step": int(step), "examples_seen": int(examples_seen),
+            "path": str(path), **extra}
+
+
 def blank_result(job: dict[str, Any], status: str, error: str | None, seconds: float = 0.0) -> dict[str, Any]:
     """A result dict in the documented shape, with no figures (for errors and missing results)."""
     return {
