@@ -74,7 +74,8 @@ def _stop_all() -> None:
 
 
 class StartStop:
-    """`with client:` starts it and stops it, for both clients (this one and the shared server's)."""
+    """What both clients (this one and the shared server's) share: `with client:` starts and
+    stops it, and `poll`/`wait` collect results the same way over their own channels."""
 
     def start(self) -> None:
         raise NotImplementedError
@@ -88,6 +89,40 @@ class StartStop:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _drain(self) -> None:
+        raise NotImplementedError
+
+    def _pending(self) -> dict[int, dict[str, Any]] | None:
+        """Jobs posted and not answered, by id; None when there is nothing to wait on."""
+        raise NotImplementedError
+
+    def _waitables(self) -> list[Any]:
+        """What `multiprocessing.connection.wait` blocks on until a result may have come."""
+        raise NotImplementedError
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Results finished since the last call (ok, error or missing); never blocks."""
+        self._drain()
+        out, self._finished = self._finished, []
+        return out
+
+    def wait(self, timeout_s: float, jobs: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        """Poll until `jobs` (default: every job posted) are answered or `timeout_s` has passed.
+
+        Returns every result that finished meanwhile; jobs still running stay outstanding.
+        """
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        targets = set(jobs) if jobs is not None else None
+        collected = self.poll()
+        while (pending := self._pending()) is not None:
+            waiting = pending.keys() if targets is None else targets & pending.keys()
+            remaining = deadline - time.monotonic()
+            if not waiting or remaining <= 0:
+                break
+            wait_any(self._waitables(), timeout=remaining)
+            collected += self.poll()
+        return collected
 
 
 class EvaluatorClient(StartStop):
@@ -230,28 +265,11 @@ class EvaluatorClient(StartStop):
         self._worker.jobs.put(job)
         return job["job"]
 
-    def poll(self) -> list[dict[str, Any]]:
-        """Results finished since the last call (ok, error or missing); never blocks."""
-        self._drain()
-        out, self._finished = self._finished, []
-        return out
+    def _pending(self) -> dict[int, dict[str, Any]] | None:
+        return None if self._worker is None else self._worker.outstanding
 
-    def wait(self, timeout_s: float, jobs: Iterable[int] | None = None) -> list[dict[str, Any]]:
-        """Poll until `jobs` (default: every job posted) are answered or `timeout_s` has passed.
-
-        Returns every result that finished meanwhile; jobs still running stay outstanding.
-        """
-        deadline = time.monotonic() + max(0.0, timeout_s)
-        targets = set(jobs) if jobs is not None else None
-        collected = self.poll()
-        while self._worker is not None:
-            waiting = self._worker.outstanding.keys() if targets is None else targets & self._worker.outstanding.keys()
-            remaining = deadline - time.monotonic()
-            if not waiting or remaining <= 0:
-                break
-            wait_any([self._worker.results, self._worker.process.sentinel], timeout=remaining)
-            collected += self.poll()
-        return collected
+    def _waitables(self) -> list[Any]:
+        return [self._worker.results, self._worker.process.sentinel]
 
     def cancel(self, jobs: Iterable[int]) -> None:
         """Give up on these jobs: the worker skips them if not started; late results are dropped."""

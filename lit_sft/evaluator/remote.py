@@ -322,25 +322,11 @@ class RemoteEvaluatorClient(StartStop):
             self._gone(f"the evaluator server at {self.address} went away")
         return job["job"]
 
-    def poll(self) -> list[dict[str, Any]]:
-        """Results finished since the last call (ok, error or missing); never blocks."""
-        self._drain()
-        out, self._finished = self._finished, []
-        return out
+    def _pending(self) -> dict[int, dict[str, Any]] | None:
+        return None if self._conn is None else self._outstanding
 
-    def wait(self, timeout_s: float, jobs: Iterable[int] | None = None) -> list[dict[str, Any]]:
-        """Poll until `jobs` (default: all) are answered or `timeout_s` has passed."""
-        deadline = time.monotonic() + max(0.0, timeout_s)
-        targets = set(jobs) if jobs is not None else None
-        collected = self.poll()
-        while self._conn is not None:
-            waiting = self._outstanding.keys() if targets is None else targets & self._outstanding.keys()
-            remaining = deadline - time.monotonic()
-            if not waiting or remaining <= 0:
-                break
-            wait_any([self._conn], timeout=remaining)
-            collected += self.poll()
-        return collected
+    def _waitables(self) -> list[Any]:
+        return [self._conn]
 
     def cancel(self, jobs: Iterable[int]) -> None:
         """Give up on these jobs (ours only): the server skips them if not started."""
