@@ -12,7 +12,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# LIT_SFT_SHARED_DATA: for a copy of the tests run elsewhere (tools/mutation.sh runs them in a scratch folder).
+SHARED_DATA = Path(os.environ.get("LIT_SFT_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
