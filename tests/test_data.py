@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lit_sft.data import SFTDataModule
+from lit_sft.data import SFTDataModule, batch_problem
 from lit_sft.errors import UserError
 
 
@@ -82,8 +82,14 @@ def test_bad_files_name_the_file_and_line(tiny_model_path, tmp_path, content, ne
 
 
 def test_batch_larger_than_dataset_and_bad_numbers(tiny_model_path, tmp_path):
-    with pytest.raises(UserError, match="batch_size=64"):
-        _dm(tiny_model_path, train_path=_write(tmp_path / "s.jsonl", _records(20)), batch_size=64).setup("fit")
+    path = _write(tmp_path / "s.jsonl", _records(20))
+    with pytest.raises(UserError) as err:
+        _dm(tiny_model_path, train_path=path, batch_size=64, eval_size=4).setup("fit")
+    assert str(err.value) == (f"data.batch_size=64 is larger than the 16 training records (20 usable in {path}, 4 held out "
+                              "for eval/loss: data.eval_size=4, at most data.eval_max_fraction=0.2 of them)")
+    generated = _dm(tiny_model_path, num_generated=8, batch_size=64)
+    with pytest.raises(UserError, match=r"^data.batch_size=64 is larger than the 8 training records$"):
+        generated.setup("fit")
     with pytest.raises(UserError, match="batch_size.*micro_batch_size"):
         SFTDataModule(batch_size=0, micro_batch_size=0)
 
@@ -102,3 +108,48 @@ def test_real_sft_traces_load_and_mask(tiny_model_path, shared_data):
     assert row["labels"][0] == -100 and row["labels"][-1] != -100
     problems = SFTDataModule(validation_path=str(shared_data / "math/validation.jsonl"), num_validation_problems=20).validation_problems
     assert len(problems) == 20 and all(p.prompt.rstrip().endswith("<think>") for p in problems)
+
+
+def test_batch_problem_names_the_per_device_share_only_when_it_differs():
+    assert batch_problem(64, 64, "the 8 training records") == "data.batch_size=64 is larger than the 8 training records"
+    assert batch_problem(64, 32, "the 8 training records") == "data.batch_size=64 (32 per device) is larger than the 8 training records"
+
+
+def test_usable_records_are_training_plus_held_out(tiny_model_path, tmp_path):
+    dm = _dm(tiny_model_path, train_path=_write(tmp_path / "s.jsonl", _records(20)), eval_size=4)
+    assert dm.n_usable == 0
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.eval_set), dm.n_usable, dm.held_out(dm.n_usable)) == (16, 4, 20, 4)
+
+
+def test_filter_correct_drops_wrong_and_unformatted_traces_and_counts_them(tiny_model_path, tmp_path):
+    records = _records(20)
+    for i in (0, 1, 2):  # a wrong answer
+        records[i]["response"] = records[i]["response"].replace(f"<answer>{i + 1}<", f"<answer>{i + 7}<")
+    records[3]["response"] = " no answer block"  # a format failure
+    del records[4]["ground_truth"]  # nothing to grade against: kept
+    path = _write(tmp_path / "s.jsonl", records)
+    kept = _dm(tiny_model_path, train_path=path, filter_correct=True, eval_size=2)
+    kept.setup("fit")
+    assert kept.stats.filtered_wrong == 4 and kept.n_usable == 16
+    everything = _dm(tiny_model_path, train_path=path, eval_size=2)
+    everything.setup("fit")
+    assert everything.stats.filtered_wrong == 0 and everything.n_usable == 20
+
+
+def test_generated_validation_problems_are_the_recorded_ones(tiny_model_path):
+    """The embedded task's validation sample (seed + 1 of the validation split): the recorded
+    curves (bench/curves_embedded.json) and every benchmark were graded on exactly these."""
+    from lit_sft.formats import r1_zero_prompt
+
+    problems = SFTDataModule(num_validation_problems=50, seed=0).validation_problems
+    assert len(problems) == len({p.prompt for p in problems}) == 50
+    assert [(p.prompt, p.answer) for p in problems[:3]] == [
+        (r1_zero_prompt("What is 1 - 3 + 0?"), "-2"), (r1_zero_prompt("What is 7 + 1 - 4?"), "4"), (r1_zero_prompt("What is 9 - 2 - 8?"), "-1")]
+    assert SFTDataModule(num_validation_problems=50, seed=0).validation_problems == problems
+    assert SFTDataModule(num_validation_problems=50, seed=1).validation_problems != problems
+
+
+def test_a_generated_record_too_long_is_named_by_its_number(tiny_model_path):
+    with pytest.raises(UserError, match=r"^record 1 of the generated data: prompt is \d+ tokens, longer than data.max_length=8$"):
+        _dm(tiny_model_path, num_generated=8, max_length=8).setup("fit")

@@ -79,3 +79,17 @@ def test_head_nll_sum_is_token_nll_sum_of_the_heads_logits() -> None:
     with torch.no_grad():
         assert head_nll_sum(hidden, head, labels)[1] == token_nll_sum(head(hidden), labels)[1] == 6
         torch.testing.assert_close(head_nll_sum(hidden, head, labels)[0], token_nll_sum(head(hidden), labels)[0])
+
+
+def test_a_single_target_token_is_counted_and_scored() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, VOCAB)
+    labels = torch.full((1, 5), IGNORE_INDEX)
+    labels[0, 3] = 7  # predicted by position 2
+    expected = torch.nn.functional.cross_entropy(logits[0, 2:3], torch.tensor([7]), reduction="sum")
+    total, count = token_nll_sum(logits, labels)
+    assert count == 1 and torch.allclose(total, expected) and total > 0
+    head = torch.nn.Linear(16, VOCAB)
+    hidden = torch.randn(1, 5, 16)
+    total, count = head_nll_sum(hidden, head, labels)
+    assert count == 1 and torch.allclose(total, torch.nn.functional.cross_entropy(head(hidden[0, 2:3]), torch.tensor([7]), reduction="sum"))

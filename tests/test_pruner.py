@@ -85,3 +85,51 @@ def test_bad_arguments_are_refused() -> None:
         TolerantSuccessiveHalvingPruner(10, tolerance=1.5)
     with pytest.raises(ValueError, match="min_resource"):
         TolerantSuccessiveHalvingPruner(0)
+    with pytest.raises(ValueError, match="tolerance"):
+        TolerantSuccessiveHalvingPruner(10, tolerance=1.0)
+    for bad in (True, 2.5, -3):
+        with pytest.raises(ValueError, match="min_resource"):
+            TolerantSuccessiveHalvingPruner(bad)
+    # Optuna's own checks still run on what it is given.
+    with pytest.raises(ValueError, match="reduction_factor"):
+        TolerantSuccessiveHalvingPruner(10, reduction_factor=1)
+    with pytest.raises(ValueError, match="min_early_stopping_rate"):
+        TolerantSuccessiveHalvingPruner(10, min_early_stopping_rate=-1)
+
+
+def test_defaults_are_the_asha_papers() -> None:
+    """eta = 3 (Li et al., 2020; Optuna's own default is 4), no skipped rung, Optuna's decisions."""
+    ours = TolerantSuccessiveHalvingPruner(1)
+    assert (ours.min_resource, ours.reduction_factor, ours.min_early_stopping_rate, ours.tolerance) == (1, 3, 0, 0.0)
+
+
+def _rung_attrs(pruner: optuna.pruners.BasePruner, reports: list[tuple[int, float]], competitor: float | None = None) -> tuple[list, bool]:
+    study = optuna.create_study(pruner=pruner)
+    if competitor is not None:
+        other = study.ask()
+        other.report(competitor, 100)
+        other.should_prune()
+        study.tell(other, competitor)
+    trial = study.ask()
+    prune = False
+    for step, value in reports:
+        trial.report(value, step)
+        prune = trial.should_prune()
+    attrs = study._storage.get_trial_system_attrs(trial._trial_id)
+    return sorted((k, v) for k, v in attrs.items() if k.startswith("completed_rung_")), prune
+
+
+def test_one_report_past_several_rungs_records_each_as_optuna_does() -> None:
+    """A first report at 1,000 examples (rungs at 100, 300, 900) passes three rungs in one call."""
+    ours = _rung_attrs(TolerantSuccessiveHalvingPruner(100, 3), [(1000, 0.5)])
+    theirs = _rung_attrs(optuna.pruners.SuccessiveHalvingPruner(min_resource=100, reduction_factor=3), [(1000, 0.5)])
+    assert ours == theirs
+    assert [k for k, _ in ours[0]] == ["completed_rung_0", "completed_rung_1", "completed_rung_2"]
+
+
+def test_no_report_is_never_a_prune_and_nan_always_is() -> None:
+    study = optuna.create_study(pruner=TolerantSuccessiveHalvingPruner(100, 3, tolerance=0.05))
+    assert not study.ask().should_prune()
+    # A NaN at a rung is pruned even when it is the only value there (it would compare as "best").
+    assert _rung_attrs(TolerantSuccessiveHalvingPruner(100, 3, tolerance=0.05), [(100, float("nan"))])[1]
+    assert not _rung_attrs(TolerantSuccessiveHalvingPruner(100, 3, tolerance=0.05), [(50, float("nan"))])[1]

@@ -118,3 +118,84 @@ def test_missing_metric_warns_once_and_never_prunes(tmp_path):
     assert pruning.reports == [] and not pruning.pruned
     assert trainer.global_step == BATCHES_PER_EPOCH
     pruning.check_pruned()  # does not raise
+
+
+def _rung_study(min_resource: int = 64) -> optuna.Study:
+    """A study whose first trial set a good value at the rung, so a worse one there is pruned."""
+    study = optuna.create_study(pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource, reduction_factor=2))
+    first = study.ask()
+    first.report(0.1, min_resource)
+    assert not first.should_prune()
+    study.tell(first, 0.1)
+    return study
+
+
+def test_default_monitor_is_eval_loss() -> None:
+    assert OptunaPruning(None).monitor == "eval/loss" and not OptunaPruning(None).late
+
+
+def test_a_repeated_step_is_not_reported_twice(tmp_path) -> None:
+    study = _rung_study()
+    pruning = OptunaPruning(study.ask())
+    assert pruning._report(64, 0.5) is True  # worse than the first trial at the rung
+    assert pruning._report(64, 0.01) is False  # the same examples seen again: no second report
+    assert pruning.reports == [(64, 0.5)]
+    assert study.trials[1].intermediate_values == {64: 0.5}
+
+
+def test_without_a_trial_nothing_is_reported() -> None:
+    pruning = OptunaPruning(None)
+    assert pruning._report(64, 0.5) is False and pruning.reports == []
+
+
+def test_the_baseline_is_recorded_at_its_rung_but_never_stopped(tmp_path) -> None:
+    study = _rung_study()
+    trial = study.ask()
+    assert OptunaPruning(trial, protected=True)._report(64, 0.5) is False
+    attrs = study._storage.get_trial_system_attrs(trial._trial_id)
+    assert attrs["completed_rung_0"] == 0.5  # competes at the rung for the trials after it
+
+
+def test_a_report_at_the_full_length_is_never_a_prune(tmp_path) -> None:
+    for full, expect in ((64, False), (65, True), (None, True)):
+        study = _rung_study()
+        assert OptunaPruning(study.ask(), full_examples=full)._report(64, 0.5) is expect, full
+
+
+def test_stop_says_which_trial_where_and_the_value(tmp_path, caplog) -> None:
+    study = _rung_study()
+    trial = study.ask()
+    pruning = OptunaPruning(trial)
+    pruning._report(32, 0.7)
+    pruning._report(64, 0.5)
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with caplog.at_level("INFO"):
+        pruning._stop(trainer, 64, 0.5)
+        OptunaPruning(None)._stop(trainer, 96, float("nan"))
+    assert trainer.should_stop and pruning.pruned and pruning.pruned_at == 64
+    assert f"trial {trial.number} pruned at 64 examples seen (eval/loss=0.5000)" in caplog.text
+    assert "trial pruned at 96 examples seen (eval/loss=nan)" in caplog.text
+    with pytest.raises(optuna.TrialPruned, match=r"^pruned at 64 examples seen with eval/loss=0\.5$"):
+        pruning.check_pruned()
+
+
+def test_an_evaluation_that_failed_is_missing_even_with_a_figure(tmp_path) -> None:
+    study = _rung_study()
+    pruning = OptunaPruning(study.ask(), monitor="eval/accuracy")
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    pruning.on_evaluator_result(trainer, None, {"status": "error", "examples_seen": 64, "accuracy": 0.0})
+    assert pruning.missing == [64] and pruning.reports == []
+
+
+def test_examples_seen_is_written_at_each_evaluation_and_a_rankless_callback_runs(tmp_path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'seen.db'}")
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(0.0, 0.2)})
+    _fit(trial)
+    assert study.trials[0].user_attrs["examples_seen"] == BATCH * BATCHES_PER_EPOCH
+    # trial=None (the other ranks of a multi-process trial): fits without touching any study.
+    pruning = OptunaPruning(None)
+    trainer = Trainer(max_epochs=1, val_check_interval=EVAL_EVERY, callbacks=[pruning], logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    train, val = _loaders()
+    trainer.fit(Regression(0.1), train, val)
+    assert pruning.reports == [] and trainer.global_step == BATCHES_PER_EPOCH

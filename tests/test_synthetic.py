@@ -10,6 +10,7 @@ import pytest
 
 from lit_sft.formats import r1_zero_prompt
 from lit_sft.synthetic import (
+    SPLITS,
     VALIDATION_MODULUS,
     exercises,
     make_problems,
@@ -102,7 +103,16 @@ def test_prompt_and_spacing_match_the_real_traces(shared_data: Path) -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(ValueError, match="^split must be one of train, validation, test, got 'holdout'$"):
         make_problems(3, 0, split="holdout")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="n must be"):
         make_sft_records(-1, 0)
+
+
+def test_the_split_of_each_question_never_moves() -> None:
+    """The recorded curves (bench/curves_embedded.json), the benchmarks and every study's held-out
+    sets depend on which questions are held out: a change to the hash is a change to the task."""
+    assert {split: len(exercises(split)) for split in SPLITS} == {"train": 3216, "validation": 407, "test": 377}
+    assert [e.question for e in exercises("validation")[:2]] == ["What is 0 + 0 + 2?", "What is 0 + 0 + 5?"]
+    assert [e.question for e in exercises("test")[:2]] == ["What is 0 + 0 + 8?", "What is 0 + 0 - 4?"]
+    assert split_of("What is 0 + 0 + 0?") == "train"

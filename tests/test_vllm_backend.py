@@ -25,6 +25,7 @@ from lit_sft.evaluator.backends import (
     _aliased_layers,
     _layers_without_own_weights,
     _NothingToLoad,
+    _describe,
     _visible_devices,
     check_weights_file,
     engine_kwargs,
@@ -54,7 +55,11 @@ class FakeLLM:
 
     completions: dict[str, _Completion] = field(default_factory=dict)
     fail_with: Exception | None = None
+    resets: bool = True
+    """What `reset_prefix_cache` answers (vLLM says False while a request holds cache blocks)."""
     calls: list[tuple[str, Any]] = field(default_factory=list)
+    sampling_params: Any = None
+    """The params the adapter was built with, to check it passes those on."""
 
     def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
         self.calls.append(("collective_rpc", (method, args)))
@@ -64,7 +69,7 @@ class FakeLLM:
 
     def reset_prefix_cache(self) -> bool:
         self.calls.append(("reset_prefix_cache", None))
-        return True
+        return self.resets
 
     def generate(self, prompts: list[str], sampling_params: Any, use_tqdm: bool = True) -> list[_RequestOutput]:
         self.calls.append(("generate", (list(prompts), sampling_params, use_tqdm)))
@@ -82,8 +87,8 @@ def weight_file(tied, tmp_path: Path) -> Path:
 
 
 def make_backend(model: torch.nn.Module, **llm: Any) -> tuple[VllmBackend, FakeLLM]:
-    fake = FakeLLM(**llm)
     params = object()  # opaque to the adapter: it is only passed back to generate
+    fake = FakeLLM(**llm, sampling_params=params)
     return VllmBackend(fake, params, "cuda:0", WeightSpec.of(model)), fake
 
 
@@ -138,6 +143,53 @@ def test_weight_files_are_checked_in_full_with_the_cause_named(tied, tmp_path: P
         check_weights_file(tmp_path / "absent.safetensors", spec)
 
 
+def _raw_file(path: Path, header: bytes, length: int | None = None, body: int = 0) -> Path:
+    import struct
+
+    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + bytes(body))
+    return path
+
+
+def test_the_header_is_read_as_safetensors_defines_it(tmp_path: Path) -> None:
+    import json
+
+    from lit_sft.evaluator.backends import _HEADER_LIMIT, _read_header
+
+    entry = {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
+    good = json.dumps({"__metadata__": {"format": "pt"}, "w": entry}).encode()
+    assert _read_header(_raw_file(tmp_path / "good", good, body=24)) == {"w": entry}
+    assert _read_header(_raw_file(tmp_path / "empty", b"{}")) == {}
+    cases = {
+        "short": (b"", 0, "truncated file: 5 bytes, not even a safetensors header"),
+        "huge": (b"{}", 1 << 63, f"not a safetensors file: header length {1 << 63}"),
+        "at_limit": (b"{}", _HEADER_LIMIT, f"truncated file: 10 bytes, its header alone needs {8 + _HEADER_LIMIT}"),
+        "cut": (b"{}", 100, "truncated file: 10 bytes, its header alone needs 108"),
+        "list": (b"[1]", None, "not a safetensors file: the header is not a JSON object"),
+        "json": (b"{x", None, r"not a safetensors file: bad header \(Expecting property name"),
+        "dtype": (json.dumps({"w": {**entry, "dtype": 1}}).encode(), None, "not a safetensors file: bad header entry for w"),
+        "shape": (json.dumps({"w": {**entry, "shape": "2,3"}}).encode(), None, "not a safetensors file: bad header entry for w"),
+        "body": (good, None, f"truncated file: {8 + len(good) + 23} bytes of {8 + len(good) + 24}"),
+    }
+    for name, (header, length, message) in cases.items():
+        path = tmp_path / name
+        if name == "short":
+            path.write_bytes(b"\x01" * 5)
+        else:
+            _raw_file(path, header, length, body=23 if name == "body" else 0)
+        with pytest.raises(ValueError, match=f"^{message}"):
+            _read_header(path)
+
+
+def test_a_wrong_shape_is_shown_as_the_tensor_is_laid_out(tmp_path: Path) -> None:
+    import json
+
+    from lit_sft.evaluator.backends import _match
+
+    spec = WeightSpec(shapes={"w": (3, 2)}, optional=frozenset())
+    with pytest.raises(ValueError, match=re.escape("tensor w has shape [2,3], expected [3,2]")):
+        _match(json.loads(json.dumps({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}})), spec)
+
+
 def test_tied_lm_head_may_be_left_out_untied_may_not(tied, tmp_path: Path) -> None:
     untied = _tiny_qwen2("sdpa", tie_word_embeddings=False)
     assert WeightSpec.of(tied).optional == {"lm_head.weight"}
@@ -189,6 +241,10 @@ def test_only_reload_warnings_for_layers_without_weights_are_dropped(tied) -> No
     untied = _tiny_qwen2("sdpa", tie_word_embeddings=False)
     assert {"Qwen2RotaryEmbedding", "Linear"} <= _layers_without_own_weights(tied)
     assert "Linear" not in _layers_without_own_weights(untied)
+    # A layer with weights of its own is never silenced, buffers or not (a norm with running stats),
+    # nor is a layer whose weights sit in its children.
+    norm = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert _layers_without_own_weights(norm) == set()
     quiet = _NothingToLoad({"ParallelLMHead", "RotaryEmbedding"})
 
     def record(msg: str, *args: object) -> logging.LogRecord:
@@ -206,7 +262,16 @@ def test_weights_are_swapped_by_path_then_prefix_cache_reset(tied, weight_file) 
     backend, llm = make_backend(tied)
     backend.load_weights(str(weight_file))
     assert llm.calls == [("collective_rpc", (LOAD_METHOD, (str(weight_file),))), ("reset_prefix_cache", None)]
-    assert backend.healthy
+    assert backend.healthy and backend.device == "cuda:0"
+
+
+def test_a_prefix_cache_that_cannot_be_reset_fails_the_swap_and_the_engine(tied, weight_file) -> None:
+    backend, llm = make_backend(tied, resets=False)
+    message = (f"checkpoint {weight_file}: vLLM could not reset its prefix cache (blocks still held by a request); the "
+               "evaluator restarts with a fresh engine rather than generate on the previous weights' KV")
+    with pytest.raises(EngineStateLost, match=f"^{re.escape(message)}$"):
+        backend.load_weights(str(weight_file))
+    assert backend.healthy is False
 
 
 def test_bad_files_never_reach_the_engine(tied, tmp_path: Path) -> None:
@@ -230,9 +295,9 @@ def test_a_failure_inside_the_engine_is_reported_with_its_origin_and_marks_it_lo
     except AssertionError as err:
         raised = err
     backend, llm = make_backend(tied, fail_with=raised)
-    with pytest.raises(EngineStateLost, match=r"vLLM failed while loading it: AssertionError at .*test_vllm_backend\.py:\d+ \(raise AssertionError"):
+    with pytest.raises(EngineStateLost, match=r"vLLM failed while loading it: AssertionError at .*test_vllm_backend\.py:\d+ \(raise AssertionError[^)]*\); the evaluator restarts with a fresh engine$"):
         backend.load_weights(str(weight_file))
-    assert not backend.healthy
+    assert backend.healthy is False
     assert [c[0] for c in llm.calls] == ["collective_rpc"]
 
 
@@ -248,7 +313,7 @@ def test_generate_keeps_order_cuts_at_stop_and_drops_a_final_eos(tied) -> None:
     assert [g.token_ids for g in out] == [(3, 3), (5, 6, 7, 8, 9), (5, 7)]
     assert [g.num_tokens for g in out] == [2, 5, 2]
     name, (prompts, params, use_tqdm) = llm.calls[-1]
-    assert (name, prompts, params, use_tqdm) == ("generate", ["p3", "p1", "p2"], backend.sampling_params, False)
+    assert (name, prompts, params, use_tqdm) == ("generate", ["p3", "p1", "p2"], llm.sampling_params, False)
 
 
 def test_sampling_is_greedy_and_stops_at_answer() -> None:
@@ -257,6 +322,7 @@ def test_sampling_is_greedy_and_stops_at_answer() -> None:
 
 def test_engine_on_cpu_gets_bytes_float32_and_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = engine_kwargs("m", "cpu", gpu_memory_utilization=0.3, kv_cache_memory_bytes=None)
+    assert (cpu["model"], cpu["tokenizer"], cpu["seed"]) == ("m", "m", 0)
     assert cpu["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES == 512 << 20
     assert cpu["dtype"] == torch.float32 and cpu["enforce_eager"] is True
     assert engine_kwargs("m", "cpu", gpu_memory_utilization=0.3, kv_cache_memory_bytes=64 << 20)["kv_cache_memory_bytes"] == 64 << 20
@@ -273,6 +339,21 @@ def test_visible_devices_follow_the_parents_numbering(monkeypatch: pytest.Monkey
     assert _visible_devices("cuda") == "0"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6")
     assert _visible_devices("cuda:1") == "6"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert _visible_devices("cuda:1") == "6"
+
+
+def test_an_engine_failure_is_described_with_the_line_that_raised() -> None:
+    def fails() -> None:
+        raise ValueError("bad shape")
+
+    try:
+        fails()
+    except ValueError as err:
+        text = _describe(err)
+    here = "/".join(Path(__file__).parts[-2:])
+    assert re.fullmatch(rf"ValueError: bad shape at [^/]+/{here}:\d+ \(raise ValueError\(\"bad shape\"\)\)", text), text
+    assert _describe(ValueError()) == "ValueError"  # nothing raised it: no place, no dangling colon
 
 
 # -- the worker with this adapter -----------------------------------------------------------------

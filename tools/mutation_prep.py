@@ -16,6 +16,9 @@ from pathlib import Path
 
 # mutmut trampolines these itself; a dataclass decorates a class, not a function.
 KEPT = {"staticmethod", "classmethod"}
+# Dropped (the functions cached are pure): a cache filled by the unmutated code before a mutant's
+# tests run (mutmut's clean run) answers them with the original results.
+DROPPED = {"cache", "functools.cache"}
 
 
 def _movable(node: ast.FunctionDef) -> bool:
@@ -33,7 +36,8 @@ def undecorate(source: str) -> str:
         first = node.decorator_list[0].lineno - 1
         indent = lines[node.lineno - 1][: node.col_offset]
         body = lines[node.lineno - 1 : node.end_lineno]
-        after = [f"{indent}{node.name} = {ast.unparse(d)}({node.name})\n" for d in reversed(node.decorator_list)]
+        after = [f"{indent}{node.name} = {ast.unparse(d)}({node.name})\n"
+                 for d in reversed(node.decorator_list) if ast.unparse(d) not in DROPPED]
         edits.append((first, node.end_lineno, body + after))
     for start, end, new in sorted(edits, reverse=True):
         lines[start:end] = new

@@ -256,11 +256,10 @@ class TransformersBackend:
         ends = [self.generation_config.pad_token_id, *self._eos_ids]
         done = torch.isin(new, torch.tensor(ends, device=new.device)).int().cumsum(dim=1) > 0
         counts = (~done).sum(dim=1).tolist()
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        rows = new.tolist()
-        return [
-            Generation(truncate_at_stop(t), tuple(row[:n])) for t, row, n in zip(texts, rows, counts, strict=True)
-        ]
+        # Decoded up to the end only: an EOS that is not a special token must not reach the text.
+        answers = [row[:n] for row, n in zip(new.tolist(), counts, strict=True)]
+        texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
+        return [Generation(truncate_at_stop(t), tuple(ids)) for t, ids in zip(texts, answers, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------------
