@@ -258,7 +258,7 @@ class SFTDataModule(LightningDataModule):
             if len(prompt) >= hp.max_length:
                 raise UserError(
                     f"{_where(examples[i], i, hp.train_path)}: prompt is {len(prompt)} tokens, "
-                    f"longer than data.max_length={hp.max_length}"
+                    f"which leaves no room for a response within data.max_length={hp.max_length}"
                 )
             response = response + eos
             overflow = len(prompt) + len(response) - hp.max_length

@@ -151,5 +151,34 @@ def test_generated_validation_problems_are_the_recorded_ones(tiny_model_path):
 
 
 def test_a_generated_record_too_long_is_named_by_its_number(tiny_model_path):
-    with pytest.raises(UserError, match=r"^record 1 of the generated data: prompt is \d+ tokens, longer than data.max_length=8$"):
+    with pytest.raises(UserError, match=r"^record 1 of the generated data: prompt is \d+ tokens, which leaves no room for a response within data.max_length=8$"):
         _dm(tiny_model_path, num_generated=8, max_length=8).setup("fit")
+
+
+def test_the_token_budget_at_its_edges(tiny_model_path, tmp_path, caplog):
+    """A record of exactly max_length tokens fits whole; one token over is cut to fit; each cut or
+    dropped record is counted; a prompt that fills max_length is refused; every response ends in EOS."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    short, long = _records(2)[1], _records(101)[100]  # "1+1=2" and "100+1=101": the long one is longer
+    length = {id(r): len(tok(r["prompt"], add_special_tokens=False).input_ids) + len(tok(r["response"], add_special_tokens=False).input_ids) + 1
+              for r in (short, long)}
+    path = _write(tmp_path / "s.jsonl", [short] * 10 + [long] * 10)
+    whole = _dm(tiny_model_path, train_path=path, max_length=length[id(long)], eval_size=2)
+    whole.setup("fit")
+    assert whole.stats.truncated == whole.stats.dropped == 0
+    assert sorted(set(whole.stats.lengths)) == sorted(length.values())
+    assert all(r["labels"][-1] == tok.eos_token_id == r["input_ids"][-1] for r in whole.train_set + whole.eval_set)
+    prompt_tokens = len(tok(short["prompt"], add_special_tokens=False).input_ids)
+    assert all(r["labels"][:prompt_tokens] == [-100] * prompt_tokens for r in whole.train_set)
+    caplog.set_level("WARNING")
+    for truncation in ("truncate", "drop"):
+        cut = _dm(tiny_model_path, train_path=path, max_length=length[id(long)] - 1, eval_size=2, truncation=truncation)
+        cut.setup("fit")
+        counted = cut.stats.truncated if truncation == "truncate" else cut.stats.dropped
+        assert counted == 10 and max(cut.stats.lengths) == (length[id(long)] - 1 if truncation == "truncate" else length[id(short)])
+        verb = "truncated" if truncation == "truncate" else "dropped"
+        assert f"data: 10 of 20 records longer than data.max_length={length[id(long)] - 1} were {verb}" in caplog.text
+    with pytest.raises(UserError, match=f"prompt is {prompt_tokens} tokens, which leaves no room"):
+        _dm(tiny_model_path, train_path=path, max_length=prompt_tokens).setup("fit")

@@ -23,13 +23,13 @@ def tally(lines: list[str]) -> tuple[dict[str, Counter], list[str]]:
             continue
         status = m["status"].strip()
         counts[m["module"]][status] += 1
-        if status not in DETECTED:
+        if status not in DETECTED | {"not checked"}:
             survivors.append(f"{m['name']}: {status}")
     return counts, survivors
 
 
 def table(counts: dict[str, Counter]) -> str:
-    rows = ["| module | mutants | killed | survived | no tests | score |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| module | mutants checked | killed | survived | no tests | not checked | score |", "|---|---:|---:|---:|---:|---:|---:|"]
     total = Counter()
     for module in sorted(counts):
         c = counts[module]
@@ -40,10 +40,10 @@ def table(counts: dict[str, Counter]) -> str:
 
 
 def _row(module: str, c: Counter) -> str:
-    n = sum(c.values()) - c["skipped"]
+    n = sum(c.values()) - c["skipped"] - c["not checked"]
     killed = sum(c[s] for s in DETECTED)
     score = f"{100 * killed / n:.1f}%" if n else "-"
-    return f"| {module} | {n} | {killed} | {c['survived']} | {c['no tests']} | {score} |"
+    return f"| {module} | {n} | {killed} | {c['survived']} | {c['no tests']} | {c['not checked']} | {score} |"
 
 
 if __name__ == "__main__":
