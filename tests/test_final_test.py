@@ -87,3 +87,13 @@ def test_generated_test_problems_are_disjoint_from_validation_and_real_data_need
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
     assert SFTDataModule(train_path=str(train)).test_problems is None
+
+
+def test_a_separate_test_file_is_the_test_set(tmp_path):
+    validation = _problems_file(tmp_path / "validation.jsonl", 30)
+    other = tmp_path / "test.jsonl"
+    other.write_text("".join(json.dumps({"problem": f"What is {i} - 1?", "answer": str(i - 1)}) + "\n" for i in range(20)))
+    data = SFTDataModule(validation_path=str(validation), test_path=str(other), num_validation_problems=10, num_test_problems=15)
+    assert len(data.test_problems) == 15 and all(" - 1?" in p.prompt for p in data.test_problems)
+    # With generated validation problems too: the test file, never the generated test split.
+    assert all(" - 1?" in p.prompt for p in SFTDataModule(test_path=str(other), num_test_problems=5).test_problems)

@@ -85,3 +85,25 @@ def test_an_answer_is_cut_after_its_first_close_tag() -> None:
     assert truncate_at_stop("</answer> more") == "</answer>"
     assert truncate_at_stop("a </answer> b </answer>") == "a </answer>"
     assert truncate_at_stop("no tag") == "no tag"
+
+
+def test_a_bfloat16_checkpoint_is_served_in_float32_on_the_cpu(tiny_model_path: str, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(tiny_model_path).to(torch.bfloat16).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(tmp_path)
+    assert TransformersBackend.load(str(tmp_path), "cpu", max_new_tokens=4, batch_size=2).model.dtype == torch.float32
+
+
+def test_padding_and_eos_come_from_the_tokenizer_where_the_model_has_none(tiny_model_path: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    assert TransformersBackend(model, tokenizer, "cpu", 8, 2).generation_config.eos_token_id == model.generation_config.eos_token_id is not None
+    model.generation_config.eos_token_id = None
+    tokenizer.pad_token = None
+    backend = TransformersBackend(model, tokenizer, "cpu", 8, 2)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id is not None
+    assert backend.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert backend.generation_config.pad_token_id == tokenizer.pad_token_id

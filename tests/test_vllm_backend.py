@@ -405,3 +405,24 @@ def test_worker_stops_serving_after_the_engine_is_lost(tied, weight_file) -> Non
     assert serve(backend, _spec([("q <think>", "1")]), jobs, results) is False
     assert [m["result"]["job"] for m in results.sent] == [1]
     assert "vLLM failed while loading it: RuntimeError: boom" in results.sent[0]["result"]["error"]
+
+
+def test_missing_tensors_are_counted(tied) -> None:
+    from lit_sft.evaluator.backends import _match
+
+    spec = WeightSpec(shapes={"a": (1,), "b": (1,), "c": (1,)}, optional=frozenset())
+    entry = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    with pytest.raises(ValueError, match=r"^missing tensor b and 1 more$"):
+        _match({"a": entry}, spec)
+    with pytest.raises(ValueError, match=r"^missing tensor c$"):
+        _match({"a": entry, "b": entry}, spec)
+
+
+def test_inference_dtype_is_bfloat16_where_the_gpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lit_sft.evaluator.backends import _inference_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert _inference_dtype("cuda:0") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert _inference_dtype("cuda:1") == torch.bfloat16
+    assert _inference_dtype("cpu") == torch.float32

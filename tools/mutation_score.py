@@ -29,7 +29,8 @@ def tally(lines: list[str]) -> tuple[dict[str, Counter], list[str]]:
 
 
 def table(counts: dict[str, Counter]) -> str:
-    rows = ["| module | mutants checked | killed | survived | no tests | not checked | score |", "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| module | mutants checked | killed | of which timeouts | survived | no tests | not checked | score |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     total = Counter()
     for module in sorted(counts):
         c = counts[module]
@@ -43,7 +44,7 @@ def _row(module: str, c: Counter) -> str:
     n = sum(c.values()) - c["skipped"] - c["not checked"]
     killed = sum(c[s] for s in DETECTED)
     score = f"{100 * killed / n:.1f}%" if n else "-"
-    return f"| {module} | {n} | {killed} | {c['survived']} | {c['no tests']} | {c['not checked']} | {score} |"
+    return f"| {module} | {n} | {killed} | {c['timeout']} | {c['survived']} | {c['no tests']} | {c['not checked']} | {score} |"
 
 
 if __name__ == "__main__":
