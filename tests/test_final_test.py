@@ -84,6 +84,10 @@ def test_generated_test_problems_are_disjoint_from_validation_and_real_data_need
     test = [p.prompt for p in generated.test_problems]
     assert not {p.prompt for p in generated.validation_problems} & set(test)
     assert len(test) == len(set(test)) < 5000  # every distinct test question once, none twice
+    from lit_sft.synthetic import exercises
+
+    answers = {e.question: e.answer for e in exercises("test")}
+    assert all(p.answer == answers[p.prompt.split("User: ")[1].split("\n")[0]] for p in generated.test_problems)
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
     assert SFTDataModule(train_path=str(train)).test_problems is None

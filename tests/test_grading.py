@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import os
 import threading
 import time
 from collections import Counter
@@ -226,6 +227,30 @@ def test_math_verify_failing_in_the_child_is_never_a_correct_answer(monkeypatch:
     thread.start()
     thread.join(30)
     assert verdicts == [False]
+
+
+def _verify_in_a_thread(timeout_s: float = 1) -> tuple[list[bool], float]:
+    verdicts: list[bool] = []
+    started = time.monotonic()
+    thread = threading.Thread(target=lambda: verdicts.append(verify_equivalent("\\dfrac{9}{7}", "9/7", timeout_s)), daemon=True)
+    thread.start()
+    thread.join(30)
+    return verdicts, time.monotonic() - started
+
+
+def test_a_child_that_hangs_past_its_alarm_is_killed_and_graded_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the alarm cannot interrupt (a C call holding the GIL) stands here as a sleep the child's
+    # math-verify never arms an alarm for.
+    monkeypatch.setattr(grading, "_math_verify", lambda *a, **k: time.sleep(60))
+    verdicts, seconds = _verify_in_a_thread()
+    assert verdicts == [False] and seconds < 10
+    assert not multiprocessing.active_children()
+
+
+def test_a_child_that_dies_without_a_verdict_is_graded_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grading, "_math_verify", lambda *a, **k: os._exit(3))
+    verdicts, seconds = _verify_in_a_thread()
+    assert verdicts == [False] and seconds < 10
 
 
 def test_callers_alarm_survives_grading() -> None:
